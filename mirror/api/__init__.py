@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, thin handlers and the OCI error envelope."""

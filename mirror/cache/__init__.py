@@ -1,0 +1,1 @@
+"""Local storage: blob files (blobs.py) and metadata (metadata.py)."""

@@ -1,0 +1,285 @@
+"""Configuration: one TOML file, every key overridable from the environment.
+
+`load_config(path, environ)` returns a frozen `Config` or raises `ConfigError`
+with a one-line message naming the offending key. The schema is the set of
+dataclasses below; each field's metadata names the parser for its values, so
+adding a key is adding a field. Every key `section.key` can be set by the
+environment variable `MIRROR_<SECTION>_<KEY>` (upper case), which wins over
+the file. Unknown keys and unknown `MIRROR_*` variables are errors, because a
+typo silently ignored is an outage nobody can explain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DOCKER_HUB = "https://registry-1.docker.io"
+ENV_PREFIX = "MIRROR_"
+
+
+class ConfigError(Exception):
+    """A configuration value or key is wrong. The message is one line."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and port to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+# --- value parsers: str | int | bool from TOML or str from env -> typed value --
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_size(value: object) -> int:
+    """`40MiB`, `50GiB`, `1.5GB`, or a plain integer of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ValueError(f"{value!r} is not a size (use e.g. 40MiB, 50GiB)")
+
+
+def parse_duration(value: object) -> float:
+    """`90s`, `5m`, `1h30m`, `250ms`, `7d` or `0`; returns seconds."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "0":
+            return 0.0
+        parts = _DURATION_RE.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 5m, 1h)")
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+
+
+def parse_address(value: object) -> Address:
+    """`host:port`, `:port` (all interfaces) or `[v6]:port`."""
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - the documented default
+        if sep and port.isdigit() and 0 < int(port) < 65536:
+            return Address(host, int(port))
+    raise ValueError(f"{value!r} is not host:port (use e.g. 0.0.0.0:5000)")
+
+
+def parse_url(value: object) -> str:
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.scheme in {"http", "https"} and parts.hostname:
+            return value.rstrip("/")
+    raise ValueError(f"{value!r} is not an http(s) URL")
+
+
+def parse_str(value: object) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise ValueError(f"{value!r} is not a non-empty string")
+
+
+def parse_path(value: object) -> Path:
+    return Path(parse_str(value)).expanduser()
+
+
+def parse_choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if isinstance(value, str) and value.lower() in choices:
+            return value.lower()
+        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+
+    return parse
+
+
+def _key(parser: Callable[[object], Any], default: object, doc: str) -> Any:
+    """A config key: its parser, its default and one line for the docs."""
+    return field(default=default, metadata={"parse": parser, "doc": doc})
+
+
+# --- the schema ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: Address = _key(
+        parse_address,
+        Address("0.0.0.0", 5000),  # noqa: S104 - all interfaces is the point
+        "address and port to serve on",
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = _key(parse_url, DOCKER_HUB, "registry to mirror")
+    connect_timeout: float = _key(
+        parse_duration, 10.0, "time to open a TCP+TLS connection upstream"
+    )
+    read_timeout: float = _key(
+        parse_duration, 60.0, "longest silence while waiting for upstream bytes"
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # The default depends on who runs us; load_config applies default_cache_dir().
+    dir: Path = _key(
+        parse_path, Path("/var/cache/mirror"), "where blobs and the database live"
+    )
+    tag_ttl: float = _key(
+        parse_duration, 300.0, "how long a tag is served without asking upstream"
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _key(
+        parse_choice("debug", "info", "warning", "error"), "info", "log level"
+    )
+    access_log: bool = _key(parse_bool, True, "log one line per HTTP request")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "cache": CacheConfig,
+    "log": LogConfig,
+}
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    """`/var/cache/mirror` for root (a system service), else the XDG cache."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/mirror")
+    xdg = environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME", "~")).expanduser() / ".cache"
+    return base / "mirror"
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def load_config(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read `path` (optional), apply `MIRROR_*` overrides from `environ`.
+
+    Raises ConfigError for an unreadable file, bad TOML, an unknown section,
+    key or variable, or a value its parser rejects.
+    """
+    environ = os.environ if environ is None else environ
+    raw = _read_file(path) if path is not None else {}
+
+    known_env: dict[str, tuple[str, str]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            known_env[env_name(section, f.name)] = (section, f.name)
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and name not in known_env:
+            raise ConfigError(f"unknown environment variable {name}")
+
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        given = raw.pop(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"{section}.{f.name}"
+            value: object = given.pop(f.name, None)
+            value = environ.get(env_name(section, f.name), value)
+            if value is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        if given:
+            raise ConfigError(f"unknown key {section}.{sorted(given)[0]}")
+        if section == "cache" and "dir" not in values:
+            values["dir"] = default_cache_dir(environ)
+        sections[section] = cls(**values)
+    if raw:
+        raise ConfigError(f"unknown section [{sorted(raw)[0]}]")
+
+    return Config(**sections)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, environment variable, default, description) for every key."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append(
+                (
+                    f"{section}.{f.name}",
+                    env_name(section, f.name),
+                    str(f.default),
+                    f.metadata["doc"],
+                )
+            )
+    return rows

@@ -1,0 +1,68 @@
+"""Every Prometheus collector mirror exports, on a per-app registry.
+
+Labels stay low-cardinality on purpose: route, method, status, kind and
+result, never a repository or a digest.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Owns the collectors; `registry` is what /metrics renders."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "mirror_http_requests",
+            "HTTP requests answered, by route, method and status code.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "mirror_http_request_duration_seconds",
+            "Time to answer a request, headers to last byte, by route.",
+            ["route"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "mirror_cache_requests",
+            "Cache lookups by kind (blob, manifest, tag) and result "
+            "(hit, miss, joined: attached to a download in flight, "
+            "stale: served from cache because upstream failed).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests",
+            "Requests sent upstream, by kind and result (HTTP status or error).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes",
+            "Body bytes received from upstream, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes",
+            "Blob bytes sent to clients, by source (cache or upstream).",
+            ["source"],
+            registry=r,
+        )
+        self.downloads_in_progress = Gauge(
+            "mirror_blob_downloads_in_progress",
+            "Blobs being fetched from upstream right now.",
+            registry=r,
+        )
+        self.verification_failures = Counter(
+            "mirror_verification_failures",
+            "Upstream content rejected because its digest or size was wrong, "
+            "or its body was cut short, by kind.",
+            ["kind"],
+            registry=r,
+        )

@@ -1,0 +1,537 @@
+"""PullThroughCache: what to serve from cache, what to fetch, and how.
+
+Policy:
+
+* Content by digest never changes: served from cache when present, otherwise
+  fetched once, verified against its digest, cached, served.
+* A tag is answered from cache for `tag_ttl` after upstream last confirmed it.
+  After that one upstream HEAD (which Docker Hub does not count as a pull)
+  revalidates it; the manifest is fetched only if its digest is not cached.
+  If upstream fails, the cached digest is served and counted as stale.
+* A blob miss starts one `BlobDownload`. Every request for that digest while it
+  runs attaches to it: the download streams into a temp file, and each
+  attached reader sends the client what is on disk, then follows live. The
+  download runs in its own task, so clients leaving do not stop it.
+
+Concurrent work on one key is shared through `SingleFlight` (manifests, tag
+revalidations) or the `_downloads` map (blobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+from cachetools import LRUCache
+
+from mirror.cache.blobs import BlobStore
+from mirror.cache.metadata import MetadataStore, TagRecord
+from mirror.errors import (
+    DigestInvalid,
+    DigestMismatch,
+    MirrorError,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from mirror.metrics import Metrics
+from mirror.reference import Digest, parse_digest
+from mirror.singleflight import SingleFlight
+from mirror.upstream.client import BlobResponse, ManifestInfo, Passthrough
+
+log = logging.getLogger(__name__)
+
+# Upper bound of one read from a download's temp file for one client.
+READ_CHUNK = 1024 * 1024
+# Bytes of manifests kept in memory for hot tags and digests.
+MANIFEST_MEMORY = 64 * 1024 * 1024
+
+
+class Upstream(Protocol):
+    """What the cache needs from upstream (UpstreamClient implements it)."""
+
+    async def head_manifest(self, repository: str, reference: str) -> ManifestInfo: ...
+
+    async def get_manifest(
+        self, repository: str, reference: str
+    ) -> tuple[ManifestInfo, bytes]: ...
+
+    def blob(
+        self, repository: str, digest: str
+    ) -> AbstractAsyncContextManager[BlobResponse]: ...
+
+    async def head_blob(self, repository: str, digest: str) -> int | None: ...
+
+    async def list_tags(
+        self, repository: str, params: dict[str, str]
+    ) -> Passthrough: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None  # None when only the headers were asked for
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    path: Path
+    size: int
+
+
+class PullThroughCache:
+    """The cache policy. Constructing it does no I/O."""
+
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        blobs: BlobStore,
+        upstream: Upstream,
+        metrics: Metrics,
+        *,
+        tag_ttl: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metadata = metadata
+        self.blobs = blobs
+        self.upstream = upstream
+        self.metrics = metrics
+        self.tag_ttl = tag_ttl
+        self.clock = clock
+        self._manifests: LRUCache[str, Manifest] = LRUCache(
+            maxsize=MANIFEST_MEMORY, getsizeof=lambda m: m.size or 1
+        )
+        self._manifest_fetches: SingleFlight[str, Manifest] = SingleFlight()
+        self._tag_checks: SingleFlight[tuple[str, str], TagRecord] = SingleFlight()
+        self._downloads: dict[Digest, BlobDownload] = {}
+
+    async def close(self) -> None:
+        """Stop every download and shared fetch in flight (shutdown)."""
+        for download in list(self._downloads.values()):
+            download.cancel()
+        await asyncio.gather(
+            *(d.task for d in self._downloads.values() if d.task),
+            return_exceptions=True,
+        )
+        await self._manifest_fetches.cancel_all()
+        await self._tag_checks.cancel_all()
+
+    # --- manifests ------------------------------------------------------------
+
+    async def manifest(
+        self, repository: str, reference: str | Digest, *, body: bool = True
+    ) -> Manifest:
+        """The manifest for a tag or digest; `body=False` for a HEAD.
+
+        Raises ManifestUnknown, DigestMismatch, UpstreamError.
+        """
+        if isinstance(reference, Digest):
+            return await self._manifest_by_digest(repository, reference)
+        record, stale = await self._resolve_tag(repository, reference, body)
+        if not body:
+            return Manifest(
+                record.digest, record.media_type, record.size, None, stale=stale
+            )
+        manifest = await self._manifest_by_digest(
+            repository, parse_digest(record.digest)
+        )
+        return Manifest(
+            manifest.digest, manifest.media_type, manifest.size, manifest.body, stale
+        )
+
+    async def _manifest_by_digest(self, repository: str, digest: Digest) -> Manifest:
+        key = str(digest)
+        now = self.clock()
+        cached = self._manifests.get(key)
+        if cached is None:
+            record = await self.metadata.get_manifest(key)
+            if record is not None:
+                cached = Manifest(
+                    record.digest, record.media_type, len(record.body), record.body
+                )
+                self._manifests[key] = cached
+        if cached is not None:
+            self.metrics.cache_requests.labels("manifest", "hit").inc()
+            self.metadata.touch_manifest(key, now)
+            return cached
+        result = "joined" if self._manifest_fetches.in_flight(key) else "miss"
+        self.metrics.cache_requests.labels("manifest", result).inc()
+        return await self._manifest_fetches.do(
+            key, lambda: self._fetch_manifest(repository, key, digest)
+        )
+
+    async def _fetch_manifest(
+        self, repository: str, reference: str, expected: Digest | None
+    ) -> Manifest:
+        """GET a manifest upstream, verify its digest, store it.
+
+        Raises ManifestUnknown, DigestMismatch, UpstreamError.
+        """
+        info, body = await self.upstream.get_manifest(repository, reference)
+        claimed = _parse_claimed_digest(info.digest)
+        algorithm = (expected or claimed or Digest("sha256", "")).algorithm
+        actual = Digest.of(body, algorithm)
+        for want in (expected, claimed):
+            if want is not None and want != actual:
+                self.metrics.verification_failures.labels("manifest").inc()
+                log.warning(
+                    "manifest %s@%s from upstream hashes to %s; not cached",
+                    repository,
+                    want,
+                    actual,
+                )
+                raise DigestMismatch(str(want), str(actual))
+        manifest = Manifest(str(actual), info.media_type, len(body), body)
+        await self.metadata.put_manifest(
+            repository, manifest.digest, info.media_type, body, self.clock()
+        )
+        self._manifests[manifest.digest] = manifest
+        return manifest
+
+    async def _resolve_tag(
+        self, repository: str, tag: str, body: bool
+    ) -> tuple[TagRecord, bool]:
+        """The tag's current record and whether it is stale.
+
+        Raises ManifestUnknown, DigestMismatch, UpstreamError (the last only
+        when nothing is cached for the tag).
+        """
+        record = await self.metadata.get_tag(repository, tag)
+        if record is not None and self.clock() - record.checked < self.tag_ttl:
+            self.metrics.cache_requests.labels("tag", "hit").inc()
+            return record, False
+        key = (repository, tag)
+        result = "joined" if self._tag_checks.in_flight(key) else "miss"
+        try:
+            fresh = await self._tag_checks.do(
+                key, lambda: self._revalidate(repository, tag, known=record, body=body)
+            )
+        except UpstreamError as exc:
+            if record is None:
+                self.metrics.cache_requests.labels("tag", result).inc()
+                raise
+            self.metrics.cache_requests.labels("tag", "stale").inc()
+            log.warning(
+                "upstream failed revalidating %s:%s (%s); serving cached %s",
+                repository,
+                tag,
+                exc.message,
+                record.digest,
+            )
+            return record, True
+        self.metrics.cache_requests.labels("tag", result).inc()
+        return fresh, False
+
+    async def _revalidate(
+        self, repository: str, tag: str, *, known: TagRecord | None, body: bool
+    ) -> TagRecord:
+        """Ask upstream what `tag` is now and record the answer.
+
+        A tag never seen and asked for with a body is fetched with one GET;
+        otherwise a HEAD tells the digest without spending a pull.
+        """
+        digest: str | None = None
+        if known is not None or not body:
+            info = await self.upstream.head_manifest(repository, tag)
+            if _parse_claimed_digest(info.digest) is not None:
+                digest = info.digest
+        if digest is None:
+            manifest = await self._fetch_manifest(repository, tag, None)
+            digest = manifest.digest
+            info = ManifestInfo(digest, manifest.media_type, manifest.size)
+        now = self.clock()
+        await self.metadata.put_tag(
+            repository, tag, digest, info.media_type, info.size, now
+        )
+        if known is not None and known.digest != digest:
+            log.info("tag %s:%s moved %s -> %s", repository, tag, known.digest, digest)
+        fetched = known.fetched if known and known.digest == digest else now
+        return TagRecord(
+            repository, tag, digest, info.media_type, info.size, fetched, now
+        )
+
+    # --- blobs ----------------------------------------------------------------
+
+    async def blob(self, repository: str, digest: Digest) -> CachedBlob | BlobDownload:
+        """A cached blob, or a started download to read from.
+
+        The caller must `release()` a returned download when done with it.
+        Raises BlobUnknown, UpstreamError (before any byte is available).
+        """
+        download = self._downloads.get(digest)
+        if download is None:
+            # A stat of a cached dentry takes microseconds; doing it inline
+            # keeps the map check and the store check in one event-loop step.
+            size = _file_size(self.blobs.path(digest))
+            if size is not None:
+                self.metrics.cache_requests.labels("blob", "hit").inc()
+                self.metadata.touch_blob(str(digest), self.clock())
+                return CachedBlob(self.blobs.path(digest), size)
+            self.metrics.cache_requests.labels("blob", "miss").inc()
+            download = BlobDownload(repository, digest, self)
+            self._downloads[digest] = download
+            download.start()
+        else:
+            self.metrics.cache_requests.labels("blob", "joined").inc()
+        download.acquire()
+        try:
+            await download.wait_started()
+        except BaseException:
+            download.release()
+            raise
+        return download
+
+    async def blob_size(self, repository: str, digest: Digest) -> int | None:
+        """The blob's size without fetching it (None if upstream won't say).
+
+        Raises BlobUnknown, UpstreamError.
+        """
+        size = _file_size(self.blobs.path(digest))
+        if size is not None:
+            return size
+        download = self._downloads.get(digest)
+        if download is not None and download.size is not None:
+            return download.size
+        return await self.upstream.head_blob(repository, digest=str(digest))
+
+    def _download_finished(self, download: BlobDownload) -> None:
+        if self._downloads.get(download.digest) is download:
+            del self._downloads[download.digest]
+
+    # --- tags -----------------------------------------------------------------
+
+    async def list_tags(self, repository: str, params: dict[str, str]) -> Passthrough:
+        """Raises NameUnknown, UpstreamError."""
+        return await self.upstream.list_tags(repository, params)
+
+
+class BlobDownload:
+    """One upstream fetch of one blob, shared by every reader attached to it.
+
+    The fetch task appends to a temp file and publishes how many bytes are on
+    disk; readers `pread` from a shared read-only fd, which stays valid when
+    the file is renamed into the store or unlinked on failure. The last bytes
+    are published only after the digest is verified, so no reader can finish
+    a response with unverified content. On failure every reader gets the
+    error, and the handlers abort their responses short of their length.
+    """
+
+    def __init__(
+        self, repository: str, digest: Digest, cache: PullThroughCache
+    ) -> None:
+        self.repository = repository
+        self.digest = digest
+        self._cache = cache
+        self.size: int | None = None
+        self.written = 0
+        self.verified = False
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._fd: int | None = None
+        self._refs = 1  # the fetch task's own reference
+        # The newest batch, kept so readers that are caught up need no pread.
+        self._recent_offset = 0
+        self._recent = b""
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"download {self.digest}")
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def acquire(self) -> None:
+        self._refs += 1
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs == 0 and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def wait_started(self) -> None:
+        """Wait until upstream answered. Raises its error if it failed."""
+        await self._started.wait()
+        if self.error is not None and self.written == 0:
+            raise self.error
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _readable(self) -> int:
+        """How many bytes readers may send now."""
+        if self.verified:
+            return self.written
+        if self.size is not None and self.written < self.size:
+            return self.written
+        # The final byte waits for verification (or the size is unknown and
+        # any byte could be the last one).
+        return max(0, self.written - 1)
+
+    async def stream(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Bytes [start, end) as they become available.
+
+        Raises the download's error (UpstreamError, DigestMismatch, ...) if it
+        fails before the range is complete.
+        """
+        offset = start
+        while True:
+            limit = self._readable() if end is None else min(end, self._readable())
+            if offset < limit:
+                yield await self._read(offset, min(limit - offset, READ_CHUNK))
+                offset += min(limit - offset, READ_CHUNK)
+                continue
+            if end is not None and offset >= end:
+                return
+            if self.verified and offset >= self.written:
+                return
+            if self.error is not None:
+                raise self.error
+            await self._changed.wait()
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        recent_end = self._recent_offset + len(self._recent)
+        if self._recent_offset <= offset and offset + length <= recent_end:
+            start = offset - self._recent_offset
+            return self._recent[start : start + length]
+        if self._fd is None:  # only after release(): a reader outlived its ref
+            raise RuntimeError("read from a released download")
+        return await asyncio.to_thread(os.pread, self._fd, length, offset)
+
+    async def _run(self) -> None:
+        cache = self._cache
+        temp = cache.blobs.temp_path()
+        cache.metrics.downloads_in_progress.inc()
+        write_fd: int | None = None
+        try:
+            async with cache.upstream.blob(self.repository, str(self.digest)) as resp:
+                self.size = resp.size
+                write_fd = await asyncio.to_thread(
+                    os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+                )
+                self._fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
+                self._started.set()
+                await self._copy(resp.content, write_fd)
+            await asyncio.to_thread(os.close, write_fd)
+            write_fd = None
+            await cache.blobs.commit(temp, self.digest)
+            await cache.metadata.add_blob(str(self.digest), self.written, cache.clock())
+            self.verified = True
+            log.info(
+                "cached blob %s (%d bytes) for %s",
+                self.digest,
+                self.written,
+                self.repository,
+            )
+        except BaseException as exc:
+            self.error = _as_domain_error(exc)
+            if isinstance(exc, DigestMismatch | UpstreamUnavailable):
+                cache.metrics.verification_failures.labels("blob").inc()
+            log.warning(
+                "download of blob %s for %s failed after %d bytes: %s",
+                self.digest,
+                self.repository,
+                self.written,
+                self.error,
+            )
+            if write_fd is not None:
+                os.close(write_fd)
+            await asyncio.shield(cache.blobs.discard(temp))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            cache.metrics.downloads_in_progress.dec()
+            cache._download_finished(self)
+            self._started.set()
+            self._notify()
+            self.release()
+
+    async def _copy(self, content: aiohttp.StreamReader, fd: int) -> None:
+        """Hash and append the body to `fd`, publishing progress as it goes.
+
+        Raises UpstreamUnavailable if the body is cut short, DigestMismatch if
+        it is too long or hashes wrong.
+        """
+        hasher = self.digest.hasher()
+        metrics = self._cache.metrics.upstream_bytes.labels("blob")
+
+        def append(data: bytes) -> None:
+            # hashlib and os.write release the GIL: this runs in parallel.
+            hasher.update(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+
+        try:
+            while True:
+                data = await content.readany()
+                if not data:
+                    break
+                parts = [data]
+                # Take what else is already buffered, to write in one call.
+                while sum(map(len, parts)) < READ_CHUNK and (
+                    more := content.read_nowait()
+                ):
+                    parts.append(more)
+                batch = b"".join(parts) if len(parts) > 1 else data
+                await asyncio.to_thread(append, batch)
+                metrics.inc(len(batch))
+                self._recent_offset, self._recent = self.written, batch
+                self.written += len(batch)
+                if self.size is not None and self.written > self.size:
+                    raise DigestMismatch(str(self.digest), "body longer than declared")
+                self._notify()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                "upstream blob body cut short", {"received": self.written}
+            ) from exc
+        if self.size is not None and self.written != self.size:
+            raise UpstreamUnavailable(
+                "upstream blob body cut short",
+                {"received": self.written, "expected": self.size},
+            )
+        actual = Digest(self.digest.algorithm, hasher.hexdigest())
+        if actual != self.digest:
+            raise DigestMismatch(str(self.digest), str(actual))
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _parse_claimed_digest(value: str | None) -> Digest | None:
+    if not value:
+        return None
+    with contextlib.suppress(DigestInvalid):
+        return parse_digest(value)
+    return None
+
+
+def _as_domain_error(exc: BaseException) -> BaseException:
+    """What readers of a failed download are told."""
+    if isinstance(exc, MirrorError | asyncio.CancelledError):
+        return exc
+    if isinstance(exc, OSError):
+        return UpstreamUnavailable(
+            "mirror could not store the blob", {"error": str(exc)}
+        )
+    return exc

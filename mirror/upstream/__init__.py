@@ -1,0 +1,1 @@
+"""Talking to the upstream registry: HTTP client (client.py), auth (auth.py)."""

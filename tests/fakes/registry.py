@@ -1,0 +1,270 @@
+"""FakeRegistry: an in-memory upstream registry with a request log and knobs.
+
+Served by pytest-aiohttp's `aiohttp_server`, it answers the V2 pull endpoints
+like Docker Hub does (optionally behind a Bearer token challenge) and records
+every request, so tests can assert on what reached upstream. Knobs inject the
+faults a mirror must survive: failing statuses, corrupt or truncated blob
+bodies, a gate that holds blob bodies mid-stream, moved tags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+CHUNK = 64 * 1024
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Logged:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        """token, base, manifest, blob, tags or other."""
+        if self.path == "/token":
+            return "token"
+        if self.path in ("/v2/", "/v2"):
+            return "base"
+        for kind in ("manifests", "blobs", "tags"):
+            if f"/{kind}/" in self.path:
+                return kind.rstrip("s") if kind != "tags" else "tags"
+        return "other"
+
+
+@dataclass
+class Image:
+    repository: str
+    tag: str
+    manifest: bytes
+    digest: str
+    config_digest: str
+    layers: list[str]
+    media_type: str = OCI_MANIFEST
+
+    @property
+    def blobs(self) -> list[str]:
+        return [self.config_digest, *self.layers]
+
+
+@dataclass
+class FakeRegistry:
+    """An upstream registry in memory. `app()` builds its aiohttp application."""
+
+    auth: bool = False
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    tags: dict[tuple[str, str], str] = field(default_factory=dict)
+    log: list[Logged] = field(default_factory=list)
+    # Knobs.
+    fail_statuses: list[int] = field(default_factory=list)
+    corrupt: set[str] = field(default_factory=set)
+    truncate: dict[str, int] = field(default_factory=dict)
+    gate: asyncio.Event | None = None
+    send_digest_header: bool = True
+    tokens_issued: int = 0
+
+    # --- content --------------------------------------------------------------
+
+    def add_blob(self, data: bytes) -> str:
+        digest = sha256(data)
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(
+        self, repository: str, body: bytes, media_type: str, tag: str | None = None
+    ) -> str:
+        digest = sha256(body)
+        self.manifests[digest] = (media_type, body)
+        if tag is not None:
+            self.tags[(repository, tag)] = digest
+        return digest
+
+    def push_image(
+        self,
+        repository: str,
+        tag: str,
+        layers: list[bytes],
+        *,
+        architecture: str = "amd64",
+    ) -> Image:
+        """Store layers, a config and a manifest; point `tag` at it."""
+        config = json.dumps(
+            {
+                "architecture": architecture,
+                "os": "linux",
+                "rootfs": {
+                    "type": "layers",
+                    "diff_ids": [sha256(layer) for layer in layers],
+                },
+            }
+        ).encode()
+        config_digest = self.add_blob(config)
+        layer_digests = [self.add_blob(layer) for layer in layers]
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": _descriptor(OCI_CONFIG, config_digest, len(config)),
+                "layers": [
+                    _descriptor(OCI_LAYER, d, len(self.blobs[d])) for d in layer_digests
+                ],
+            },
+            indent=3,  # deliberately unusual: the mirror must not re-serialise
+        ).encode()
+        digest = self.add_manifest(repository, manifest, OCI_MANIFEST, tag)
+        return Image(repository, tag, manifest, digest, config_digest, layer_digests)
+
+    def push_index(self, repository: str, tag: str, images: list[Image]) -> str:
+        index = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {
+                        **_descriptor(OCI_MANIFEST, i.digest, len(i.manifest)),
+                        "platform": {
+                            "architecture": json.loads(self.blobs[i.config_digest])[
+                                "architecture"
+                            ],
+                            "os": "linux",
+                        },
+                    }
+                    for i in images
+                ],
+            }
+        ).encode()
+        return self.add_manifest(repository, index, OCI_INDEX, tag)
+
+    # --- the request log ------------------------------------------------------
+
+    def count(self, kind: str | None = None, method: str | None = None) -> int:
+        return sum(
+            1
+            for r in self.log
+            if (kind is None or r.kind == kind)
+            and (method is None or r.method == method)
+        )
+
+    def requests(self, kind: str, method: str | None = None) -> list[Logged]:
+        return [
+            r
+            for r in self.log
+            if r.kind == kind and (method is None or r.method == method)
+        ]
+
+    # --- the server -----------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/token", self._token)
+        app.router.add_get("/v2/", self._base)
+        app.router.add_get("/v2/{name:.+}/manifests/{reference}", self._manifest)
+        app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
+        app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
+        return app
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: object
+    ) -> web.StreamResponse:
+        self.log.append(Logged(request.method, request.path, dict(request.headers)))
+        if self.fail_statuses and request.path != "/token":
+            status = self.fail_statuses.pop(0)
+            return _error(status, "UNAVAILABLE" if status >= 500 else "DENIED")
+        if self.auth and request.path.startswith("/v2"):
+            if not request.headers.get("Authorization", "").startswith("Bearer token-"):
+                realm = f"{request.scheme}://{request.host}/token"
+                return _error(
+                    401,
+                    "UNAUTHORIZED",
+                    {
+                        "WWW-Authenticate": f'Bearer realm="{realm}",'
+                        f'service="fake",scope="repository:x:pull"'
+                    },
+                )
+        assert callable(handler)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.tokens_issued += 1
+        return web.json_response(
+            {"token": f"token-{self.tokens_issued}", "expires_in": 300}
+        )
+
+    async def _base(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def _manifest(self, request: web.Request) -> web.Response:
+        name, reference = request.match_info["name"], request.match_info["reference"]
+        digest = reference if ":" in reference else self.tags.get((name, reference))
+        if digest is None or digest not in self.manifests:
+            return _error(404, "MANIFEST_UNKNOWN")
+        media_type, body = self.manifests[digest]
+        headers = {"Content-Type": media_type, "Content-Length": str(len(body))}
+        if self.send_digest_header:
+            headers["Docker-Content-Digest"] = digest
+        if request.method == "HEAD":
+            return web.Response(headers=headers)
+        return web.Response(body=body, headers=headers)
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        data = self.blobs.get(digest)
+        if data is None:
+            return _error(404, "BLOB_UNKNOWN")
+        headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": digest}
+        if request.method == "HEAD":
+            return web.Response(headers=headers)
+        if digest in self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        response = web.StreamResponse(headers=headers)
+        response.content_length = len(data)
+        await response.prepare(request)
+        cut = self.truncate.get(digest)
+        for offset in range(0, len(data), CHUNK):
+            if cut is not None and offset >= cut:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            await response.write(data[offset : offset + CHUNK])
+            if offset == 0 and self.gate is not None:
+                await self.gate.wait()
+        await response.write_eof()
+        return response
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        tags = sorted(t for (repo, t) in self.tags if repo == name)
+        if not tags:
+            return _error(404, "NAME_UNKNOWN")
+        return web.json_response({"name": name, "tags": tags})
+
+
+def _descriptor(media_type: str, digest: str, size: int) -> dict[str, object]:
+    return {"mediaType": media_type, "digest": digest, "size": size}
+
+
+def _error(
+    status: int, code: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"errors": [{"code": code, "message": code.lower(), "detail": None}]},
+        status=status,
+        headers=headers,
+    )
