@@ -186,17 +186,17 @@ class FakeRegistry:
         if self.fail_statuses and request.path != "/token":
             status = self.fail_statuses.pop(0)
             return _error(status, "UNAVAILABLE" if status >= 500 else "DENIED")
-        if self.auth and request.path.startswith("/v2"):
-            if not request.headers.get("Authorization", "").startswith("Bearer token-"):
-                realm = f"{request.scheme}://{request.host}/token"
-                return _error(
-                    401,
-                    "UNAUTHORIZED",
-                    {
-                        "WWW-Authenticate": f'Bearer realm="{realm}",'
-                        f'service="fake",scope="repository:x:pull"'
-                    },
-                )
+        authorization = request.headers.get("Authorization", "")
+        if (
+            self.auth
+            and request.path.startswith("/v2")
+            and not authorization.startswith("Bearer token-")
+        ):
+            realm = f"{request.scheme}://{request.host}/token"
+            challenge = (
+                f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'
+            )
+            return _error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
         assert callable(handler)
         response: web.StreamResponse = await handler(request)
         return response
@@ -238,8 +238,7 @@ class FakeRegistry:
         await response.prepare(request)
         cut = self.truncate.get(digest)
         for offset in range(0, len(data), CHUNK):
-            if cut is not None and offset >= cut:
-                assert request.transport is not None
+            if cut is not None and offset >= cut and request.transport is not None:
                 request.transport.abort()
                 return response
             await response.write(data[offset : offset + CHUNK])

@@ -1,0 +1,256 @@
+"""The pull path over real HTTP: mirror app in front of a FakeRegistry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+import pytest
+
+from tests.conftest import MirrorFactory
+from tests.fakes.registry import OCI_MANIFEST, FakeRegistry, sha256
+
+
+def layer(n: int, size: int = 300_000) -> bytes:
+    """Deterministic, incompressible-enough bytes for blob `n`."""
+    return hashlib.sha256(str(n).encode()).digest() * (size // 32)
+
+
+async def test_base_endpoint_announces_api_version(make_mirror: MirrorFactory) -> None:
+    mirror = await make_mirror()
+    resp = await mirror.client.get("/v2/")
+    assert resp.status == 200
+    assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+async def test_manifest_bytes_and_headers_are_upstream_verbatim(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    image = upstream.push_image("library/alpine", "3", [layer(1)])
+    mirror = await make_mirror(upstream)
+
+    resp = await mirror.client.get("/v2/alpine/manifests/3")
+    assert resp.status == 200
+    assert await resp.read() == image.manifest
+    assert resp.headers["Content-Type"] == OCI_MANIFEST
+    assert resp.headers["Docker-Content-Digest"] == image.digest
+    assert resp.headers["Content-Length"] == str(len(image.manifest))
+
+    head = await mirror.client.head(f"/v2/library/alpine/manifests/{image.digest}")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(image.manifest))
+    assert head.headers["Docker-Content-Digest"] == image.digest
+    assert await head.read() == b""
+
+
+async def test_blob_miss_then_hit_costs_one_upstream_get(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(2, 1_000_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+
+    for expected_cache in ("miss", "hit"):
+        resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+        assert resp.status == 200
+        assert resp.headers["X-Mirror-Cache"] == expected_cache
+        assert await resp.read() == data
+        assert resp.headers["Docker-Content-Digest"] == digest
+    assert upstream.count("blob", "GET") == 1
+
+
+async def test_concurrent_cold_pulls_share_one_upstream_get(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    data = layer(3, 2_000_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+
+    async def pull() -> bytes:
+        resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+        assert resp.status == 200
+        return await resp.read()
+
+    tasks = [asyncio.create_task(pull()) for _ in range(20)]
+    await asyncio.sleep(0.2)
+    upstream.gate.set()
+    bodies = await asyncio.gather(*tasks)
+    assert all(sha256(b) == digest for b in bodies)
+    assert upstream.count("blob", "GET") == 1
+
+
+async def test_corrupt_blob_is_never_cached_nor_completed(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(4, 500_000)
+    digest = upstream.add_blob(data)
+    upstream.corrupt.add(digest)
+    mirror = await make_mirror(upstream)
+
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    assert mirror.upstream is upstream
+
+    upstream.corrupt.clear()
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert await resp.read() == data
+    assert upstream.count("blob", "GET") == 2
+
+
+async def test_write_methods_are_unsupported(make_mirror: MirrorFactory) -> None:
+    mirror = await make_mirror()
+    for method, path in [
+        ("PUT", "/v2/library/x/manifests/1"),
+        ("POST", "/v2/library/x/blobs/uploads/"),
+        ("DELETE", "/v2/library/x/blobs/sha256:" + "0" * 64),
+        ("PATCH", "/v2/library/x/blobs/uploads/abc"),
+    ]:
+        resp = await mirror.client.request(method, path)
+        assert resp.status == 405, (method, path)
+        body = json.loads(await resp.read())
+        assert body["errors"][0]["code"] == "UNSUPPORTED"
+
+
+async def test_truncated_upstream_body_aborts_clients_and_caches_nothing(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(5, 1_000_000)
+    digest = upstream.add_blob(data)
+    upstream.truncate[digest] = 300_000
+    upstream.gate = asyncio.Event()  # hold the body after its first chunk
+    mirror = await make_mirror(upstream)
+
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    await resp.content.readany()
+    upstream.gate.set()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
+    assert not any(mirror.config.cache.dir.glob("tmp/*"))
+
+    del upstream.truncate[digest]
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert await resp.read() == data
+
+
+async def test_client_leaving_does_not_stop_the_download(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    data = layer(6, 2_000_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert resp.status == 200
+    await resp.content.readany()
+    resp.close()  # the only client hangs up mid-blob
+    upstream.gate.set()
+    cached = mirror.config.cache.dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    for _ in range(200):
+        if cached.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert cached.read_bytes() == data
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert resp.headers["X-Mirror-Cache"] == "hit"
+    assert upstream.count("blob", "GET") == 1
+
+
+async def test_late_joiner_gets_the_whole_blob_from_the_start(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    data = layer(7, 1_500_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+
+    first = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    head_of_first = await first.content.readany()  # upstream sent a first chunk
+    late = await mirror.client.get(f"/v2/library/y/blobs/{digest}")
+    upstream.gate.set()
+    assert head_of_first + await first.read() == data
+    assert await late.read() == data
+    assert upstream.count("blob", "GET") == 1
+
+
+async def test_range_requests_on_cached_and_downloading_blobs(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(8, 400_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+    path = f"/v2/library/x/blobs/{digest}"
+
+    resp = await mirror.client.get(path, headers={"Range": "bytes=100-199"})
+    assert resp.status == 206
+    assert resp.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    assert await resp.read() == data[100:200]
+
+    resp = await mirror.client.get(path, headers={"Range": "bytes=1000-"})
+    assert resp.status == 206
+    assert await resp.read() == data[1000:]
+    resp = await mirror.client.get(path, headers={"Range": "bytes=-10"})
+    assert await resp.read() == data[-10:]
+    resp = await mirror.client.get(path, headers={"Range": f"bytes={len(data)}-"})
+    assert resp.status == 416
+
+
+async def test_range_beyond_an_uncached_blob_is_416(make_mirror: MirrorFactory) -> None:
+    upstream = FakeRegistry()
+    data = layer(9, 1000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+    resp = await mirror.client.get(
+        f"/v2/library/x/blobs/{digest}", headers={"Range": "bytes=5000-"}
+    )
+    assert resp.status == 416
+    assert resp.headers["Content-Range"] == f"bytes */{len(data)}"
+    assert json.loads(await resp.read())["errors"][0]["code"] == "RANGE_INVALID"
+
+
+async def test_head_blob_answers_size_without_downloading(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(10, 12345)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+    resp = await mirror.client.head(f"/v2/library/x/blobs/{digest}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    assert resp.headers["Docker-Content-Digest"] == digest
+    assert upstream.count("blob", "GET") == 0
+    missing = "sha256:" + "1" * 64
+    resp = await mirror.client.head(f"/v2/library/x/blobs/{missing}")
+    assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(404, "BLOB_UNKNOWN"), (503, "UNAVAILABLE"), (500, "UNAVAILABLE")],
+)
+async def test_upstream_errors_become_oci_errors(
+    make_mirror: MirrorFactory, status: int, code: str
+) -> None:
+    upstream = FakeRegistry()
+    upstream.fail_statuses = [status]
+    mirror = await make_mirror(upstream)
+    resp = await mirror.client.get(f"/v2/library/x/blobs/sha256:{'2' * 64}")
+    assert resp.status == (404 if status == 404 else 503)
+    assert json.loads(await resp.read())["errors"][0]["code"] == code
