@@ -254,3 +254,68 @@ async def test_upstream_errors_become_oci_errors(
     resp = await mirror.client.get(f"/v2/library/x/blobs/sha256:{'2' * 64}")
     assert resp.status == (404 if status == 404 else 503)
     assert json.loads(await resp.read())["errors"][0]["code"] == code
+
+
+async def test_twenty_concurrent_image_pulls_cost_one_get_per_blob(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    image = upstream.push_image(
+        "someuser/app", "v1", [layer(20 + i, 700_000) for i in range(4)]
+    )
+    mirror = await make_mirror(upstream)
+
+    async def pull() -> dict[str, str]:
+        resp = await mirror.client.get("/v2/someuser/app/manifests/v1")
+        manifest = json.loads(await resp.read())
+        digests = [manifest["config"]["digest"]] + [
+            layer["digest"] for layer in manifest["layers"]
+        ]
+
+        async def fetch(digest: str) -> str:
+            resp = await mirror.client.get(f"/v2/someuser/app/blobs/{digest}")
+            assert resp.status == 200
+            return sha256(await resp.read())
+
+        got = await asyncio.gather(*(fetch(d) for d in digests))
+        return dict(zip(digests, got, strict=True))
+
+    pulls = [asyncio.create_task(pull()) for _ in range(20)]
+    await asyncio.sleep(0.2)  # let every client attach before bytes flow
+    upstream.gate.set()
+    for result in await asyncio.gather(*pulls):
+        assert result == {d: d for d in image.blobs}
+    assert upstream.count("manifest", "GET") == 1
+    for digest in image.blobs:
+        gets = [r for r in upstream.requests("blob", "GET") if r.path.endswith(digest)]
+        assert len(gets) == 1, digest
+
+
+async def test_every_client_attached_to_a_corrupt_download_is_cut_short(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    data = layer(30, 800_000)
+    digest = upstream.add_blob(data)
+    upstream.corrupt.add(digest)
+    mirror = await make_mirror(upstream)
+
+    async def pull() -> str:
+        resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+        if resp.status != 200:  # arrived after the failure: an error, fine too
+            return str(resp.status)
+        try:
+            await resp.read()
+        except aiohttp.ClientPayloadError:
+            return "cut short"
+        return "complete"
+
+    pulls = [asyncio.create_task(pull()) for _ in range(5)]
+    await asyncio.sleep(0.1)  # attach before the bytes flow
+    upstream.gate.set()
+    results = await asyncio.gather(*pulls)
+    assert "complete" not in results
+    assert "cut short" in results
+    assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
