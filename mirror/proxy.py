@@ -217,7 +217,7 @@ class PullThroughCache:
             fresh = await self._tag_checks.do(
                 key, lambda: self._revalidate(repository, tag, known=record, body=body)
             )
-        except UpstreamError as exc:
+        except (UpstreamError, DigestMismatch) as exc:
             if record is None:
                 self.metrics.cache_requests.labels("tag", result).inc()
                 raise
@@ -363,9 +363,16 @@ class BlobDownload:
             self._fd = None
 
     async def wait_started(self) -> None:
-        """Wait until upstream answered. Raises its error if it failed."""
+        """Wait until a first byte may be sent, or the blob is complete.
+
+        Nothing is promised to a client before that, so a download failing
+        on its first read (or a zero-length body for a non-empty digest)
+        becomes a clean error status rather than a cut response.
+
+        Raises the download's error if it failed.
+        """
         await self._started.wait()
-        if self.error is not None and self.written == 0:
+        if self.error is not None:
             raise self.error
 
     def _notify(self) -> None:
@@ -385,21 +392,26 @@ class BlobDownload:
     async def stream(
         self, start: int = 0, end: int | None = None
     ) -> AsyncIterator[bytes]:
-        """Bytes [start, end) as they become available.
+        """Bytes from `start` as they become available.
+
+        With `end` (exclusive) this is a range, sent as soon as its bytes are
+        on disk. Without it, the stream runs to the end of the blob and ends
+        only after the digest was verified.
 
         Raises the download's error (UpstreamError, DigestMismatch, ...) if it
-        fails before the range is complete.
+        fails before the stream is complete.
         """
         offset = start
         while True:
             limit = self._readable() if end is None else min(end, self._readable())
             if offset < limit:
-                yield await self._read(offset, min(limit - offset, READ_CHUNK))
-                offset += min(limit - offset, READ_CHUNK)
+                length = min(limit - offset, READ_CHUNK)
+                yield await self._read(offset, length)
+                offset += length
                 continue
             if end is not None and offset >= end:
                 return
-            if self.verified and offset >= self.written:
+            if end is None and self.verified and offset >= self.written:
                 return
             if self.error is not None:
                 raise self.error
@@ -426,7 +438,6 @@ class BlobDownload:
                     os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
                 )
                 self._fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
-                self._started.set()
                 await self._copy(resp.content, write_fd)
             await asyncio.to_thread(os.close, write_fd)
             write_fd = None
@@ -496,6 +507,8 @@ class BlobDownload:
                 self.written += len(batch)
                 if self.size is not None and self.written > self.size:
                     raise DigestMismatch(str(self.digest), "body longer than declared")
+                if self._readable() > 0:
+                    self._started.set()
                 self._notify()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(

@@ -79,15 +79,14 @@ class RegistryHandlers:
     ) -> web.StreamResponse:
         """Send a blob while it downloads; abort the response if it fails."""
         size = download.size
-        start, end = 0, size
-        status = 200
+        start, end = 0, None  # the whole blob, complete only once verified
+        response = web.StreamResponse(headers=headers)
         if size is not None and request.headers.get("Range"):
             start, end = _byte_range(request, size)
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        response = web.StreamResponse(status=status, headers=headers)
-        if end is not None:
-            response.content_length = end - start
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        if size is not None:
+            response.content_length = (end or size) - start
         await response.prepare(request)
         served = self.metrics.served_bytes.labels("upstream")
         try:

@@ -73,6 +73,7 @@ class FakeRegistry:
     # Knobs.
     fail_statuses: list[int] = field(default_factory=list)
     corrupt: set[str] = field(default_factory=set)
+    replace: dict[str, bytes] = field(default_factory=dict)
     truncate: dict[str, int] = field(default_factory=dict)
     gate: asyncio.Event | None = None
     send_digest_header: bool = True
@@ -228,6 +229,7 @@ class FakeRegistry:
         data = self.blobs.get(digest)
         if data is None:
             return _error(404, "BLOB_UNKNOWN")
+        data = self.replace.get(digest, data)
         headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": digest}
         if request.method == "HEAD":
             return web.Response(headers=headers)

@@ -92,13 +92,16 @@ async def test_corrupt_blob_is_never_cached_nor_completed(
     data = layer(4, 500_000)
     digest = upstream.add_blob(data)
     upstream.corrupt.add(digest)
+    upstream.gate = asyncio.Event()  # the client is sent bytes before the end
     mirror = await make_mirror(upstream)
 
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     assert resp.status == 200
+    await resp.content.readany()
+    upstream.gate.set()
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
-    assert mirror.upstream is upstream
+    assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
 
     upstream.corrupt.clear()
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
@@ -318,4 +321,18 @@ async def test_every_client_attached_to_a_corrupt_download_is_cut_short(
     results = await asyncio.gather(*pulls)
     assert "complete" not in results
     assert "cut short" in results
+    assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
+
+
+@pytest.mark.parametrize("served", [b"", b"x", b"short body"])
+async def test_wrong_small_body_is_an_error_not_a_complete_response(
+    make_mirror: MirrorFactory, served: bytes
+) -> None:
+    upstream = FakeRegistry()
+    digest = upstream.add_blob(layer(31, 5000))
+    upstream.replace[digest] = served
+    mirror = await make_mirror(upstream)
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert resp.status == 503
+    assert json.loads(await resp.read())["errors"][0]["code"] == "UNAVAILABLE"
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
