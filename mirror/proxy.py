@@ -137,7 +137,7 @@ class PullThroughCache:
         Raises ManifestUnknown, DigestMismatch, UpstreamError.
         """
         if isinstance(reference, Digest):
-            return await self._manifest_by_digest(repository, reference)
+            return await self._manifest_by_digest(repository, reference, body=body)
         record, stale = await self._resolve_tag(repository, reference, body)
         if not body:
             return Manifest(
@@ -150,7 +150,10 @@ class PullThroughCache:
             manifest.digest, manifest.media_type, manifest.size, manifest.body, stale
         )
 
-    async def _manifest_by_digest(self, repository: str, digest: Digest) -> Manifest:
+    async def _manifest_by_digest(
+        self, repository: str, digest: Digest, *, body: bool = True
+    ) -> Manifest:
+        """Cached, or fetched once and verified; a HEAD miss is only a HEAD."""
         key = str(digest)
         now = self.clock()
         cached = self._manifests.get(key)
@@ -167,6 +170,10 @@ class PullThroughCache:
             return cached
         result = "joined" if self._manifest_fetches.in_flight(key) else "miss"
         self.metrics.cache_requests.labels("manifest", result).inc()
+        if not body:
+            # A GET would count as a Docker Hub pull; a HEAD does not.
+            info = await self.upstream.head_manifest(repository, key)
+            return Manifest(key, info.media_type, info.size, None)
         return await self._manifest_fetches.do(
             key, lambda: self._fetch_manifest(repository, key, digest)
         )

@@ -208,3 +208,16 @@ async def test_short_names_are_normalised_to_library(
     assert {r.path for r in upstream.requests("manifest")} == {
         "/v2/library/app/manifests/1"
     }
+
+
+async def test_head_by_digest_of_uncached_manifest_is_only_a_head_upstream(
+    make_mirror: MirrorFactory,
+) -> None:
+    mirror, upstream = await with_image(make_mirror)
+    digest = upstream.tags[("library/app", "1")]
+    resp = await mirror.client.head(f"/v2/library/app/manifests/{digest}")
+    assert resp.status == 200
+    assert resp.headers["Docker-Content-Digest"] == digest
+    assert resp.headers["Content-Length"] == str(len(upstream.manifests[digest][1]))
+    assert upstream.count("manifest", "GET") == 0
+    assert upstream.count("manifest", "HEAD") == 1
