@@ -17,6 +17,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,7 +73,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+            return int(Decimal(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
     raise ValueError(f"{value!r} is not a size (use e.g. 40MiB, 50GiB)")
 
 
@@ -104,7 +105,11 @@ def parse_address(value: object) -> Address:
     """`host:port`, `:port` (all interfaces) or `[v6]:port`."""
     if isinstance(value, str):
         host, sep, port = value.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - the documented default
+        bracketed = host.startswith("[") and host.endswith("]")
+        if ":" in host and not bracketed:
+            raise ValueError(f"{value!r} is not host:port (IPv6: [addr]:port)")
+        host = host[1:-1] if bracketed else host
+        host = host or "0.0.0.0"  # noqa: S104 - the documented default
         if sep and port.isdigit() and 0 < int(port) < 65536:
             return Address(host, int(port))
     raise ValueError(f"{value!r} is not host:port (use e.g. 0.0.0.0:5000)")
@@ -113,6 +118,10 @@ def parse_address(value: object) -> Address:
 def parse_url(value: object) -> str:
     if isinstance(value, str):
         parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid port") from None
         if parts.scheme in {"http", "https"} and parts.hostname:
             return value.rstrip("/")
     raise ValueError(f"{value!r} is not an http(s) URL")
@@ -265,7 +274,7 @@ def _read_file(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 

@@ -46,9 +46,10 @@ def parse_name(name: str) -> str:
 
     Raises NameInvalid.
     """
-    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
+    normalised = name if "/" in name else f"library/{name}"
+    if len(normalised) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise NameInvalid("invalid repository name", {"name": name})
-    return name if "/" in name else f"library/{name}"
+    return normalised
 
 
 def parse_tag(tag: str) -> str:

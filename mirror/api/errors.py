@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from enum import Enum
 
@@ -78,10 +79,12 @@ def error_response(
     message: str,
     detail: object = None,
     headers: dict[str, str] | None = None,
+    status: int | None = None,
 ) -> web.Response:
+    """The OCI envelope for `code`, with its status unless `status` is given."""
     body = {"errors": [{"code": code.code, "message": message, "detail": detail}]}
     return web.Response(
-        status=code.status,
+        status=status or code.status,
         body=json.dumps(body).encode(),
         content_type="application/json",
         headers={**API_VERSION_HEADER, **(headers or {})},
@@ -91,8 +94,9 @@ def error_response(
 def _response_for(exc: errors.MirrorError) -> web.Response:
     code = code_for(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, errors.UpstreamRateLimited) and exc.retry_after is not None:
-        headers["Retry-After"] = str(int(exc.retry_after + 0.999))
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(retry_after, int | float) and math.isfinite(retry_after):
+        headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
     if isinstance(exc, errors.RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{exc.size}"
     return error_response(code, exc.message, exc.detail, headers)
@@ -121,7 +125,8 @@ async def error_middleware(
             ErrorCode.NOT_FOUND, "no such endpoint", {"path": request.path}
         )
     except web.HTTPException as exc:
-        return error_response(ErrorCode.UNKNOWN, exc.reason)
+        log.info("%s %s: %s", request.method, request.path, exc.reason)
+        return error_response(ErrorCode.UNKNOWN, exc.reason, status=exc.status)
     except Exception:
         log.exception("unhandled error answering %s %s", request.method, request.path)
         return error_response(ErrorCode.UNKNOWN, "internal error")

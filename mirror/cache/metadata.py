@@ -95,6 +95,14 @@ class MetadataStore:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self.path)
+        try:
+            await self._prepare()
+        except BaseException:
+            await self._db.close()
+            self._db = None
+            raise
+
+    async def _prepare(self) -> None:
         await self.db.execute("PRAGMA journal_mode = WAL")
         await self.db.execute("PRAGMA synchronous = NORMAL")
         await self.db.execute("PRAGMA foreign_keys = ON")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -274,7 +275,11 @@ def _check(resp: aiohttp.ClientResponse, not_found: Callable[[], MirrorError]) -
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds; only the delta-seconds form, finite, >= 0."""
     try:
-        return float(value) if value else None
+        seconds = float(value) if value else None
     except ValueError:
         return None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
