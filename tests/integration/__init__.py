@@ -1,0 +1,1 @@
+"""Integration tests: the mirror between a real registry and real clients."""

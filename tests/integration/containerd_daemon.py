@@ -1,0 +1,136 @@
+"""A private containerd, and ``ctr`` commands that pull through the mirror.
+
+This module owns ``Containerd``: a containerd with its own root, state and
+short socket paths (the CRI plugin disabled, since nothing here runs pods),
+plus a ``hosts.toml`` directory that makes ``docker.io`` resolve through the
+mirror. ctr 1.6 reads that directory with ``--hosts-dir``; an ``http://``
+host in it needs no ``--plain-http``. containerd appends ``?ns=docker.io``
+to every request it sends to a mirror host and does not ping ``/v2/``.
+
+Pulls use the ``native`` snapshotter so unpacking works wherever the tests
+run, including inside containers where overlay mounts are not allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .tools import Completed, ManagedProcess, run
+
+SNAPSHOTTER = "native"
+
+
+def containerd_config(directory: Path) -> str:
+    return (
+        "version = 2\n"
+        f'root = "{directory / "root"}"\n'
+        f'state = "{directory / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        "\n[grpc]\n"
+        f'  address = "{directory / "c.sock"}"\n'
+        "\n[ttrpc]\n"
+        f'  address = "{directory / "c.sock.ttrpc"}"\n'
+    )
+
+
+def hosts_toml(mirror_url: str) -> str:
+    return (
+        'server = "https://registry-1.docker.io"\n'
+        "\n"
+        f'[host."{mirror_url}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+
+
+@dataclass
+class Containerd:
+    """One containerd daemon plus the ``ctr`` invocations tests need."""
+
+    binary: str
+    ctr: str
+    directory: Path
+    mirror_url: str
+    process: ManagedProcess | None = None
+    socket_path: Path = field(init=False)
+    hosts_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.socket_path = self.directory / "c.sock"
+        self.hosts_dir = self.directory / "hosts"
+
+    def start(self, *, timeout: float = 20.0) -> None:
+        """Start containerd and wait for its socket; raises with its log."""
+        config = self.directory / "config.toml"
+        config.write_text(containerd_config(self.directory))
+        host_dir = self.hosts_dir / "docker.io"
+        host_dir.mkdir(parents=True, exist_ok=True)
+        (host_dir / "hosts.toml").write_text(hosts_toml(self.mirror_url))
+        self.process = ManagedProcess(
+            name="containerd",
+            argv=[self.binary, "--config", str(config)],
+            log_path=self.directory / "containerd.log",
+        )
+        self.process.start()
+        # The socket appears once the gRPC server listens; "serving..." for
+        # the main address is logged just before.
+        self.process.wait_ready(
+            lambda: (
+                self.socket_path.exists()
+                and "containerd successfully booted" in self.process_log()
+            ),
+            timeout=timeout,
+            what="containerd booted",
+        )
+
+    def process_log(self) -> str:
+        return "" if self.process is None else self.process.log_text(limit=200_000)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=20.0)
+
+    async def ctr_run(
+        self, *args: str, time_limit: float = 90.0, check: bool = True
+    ) -> Completed:
+        return await run(
+            self.ctr,
+            "--address",
+            str(self.socket_path),
+            *args,
+            time_limit=time_limit,
+            check=check,
+        )
+
+    async def pull(self, reference: str, *extra: str) -> Completed:
+        """``ctr images pull`` through the mirror (``extra``: more flags)."""
+        return await self.ctr_run(
+            "images",
+            "pull",
+            "--hosts-dir",
+            str(self.hosts_dir),
+            "--snapshotter",
+            SNAPSHOTTER,
+            *extra,
+            reference,
+        )
+
+    async def image_digests(self) -> dict[str, str]:
+        """Map each image reference to its target digest (``ctr images ls``)."""
+        result = await self.ctr_run("images", "ls")
+        images: dict[str, str] = {}
+        # Columns: REF TYPE DIGEST SIZE PLATFORMS LABELS, after a header row.
+        for line in result.stdout.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2].startswith("sha256:"):
+                images[parts[0]] = parts[2]
+        return images
+
+    async def content_digests(self) -> set[str]:
+        """Digests of everything in the content store (``ctr content ls -q``)."""
+        result = await self.ctr_run("content", "ls", "--quiet")
+        return set(result.stdout.split())
+
+    async def remove_image(self, reference: str) -> None:
+        """Remove the image and garbage-collect its content synchronously."""
+        await self.ctr_run("images", "rm", "--sync", reference)
