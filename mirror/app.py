@@ -41,14 +41,27 @@ def create_app(
     config: Config,
     *,
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
     registry: CollectorRegistry | None = None,
 ) -> web.Application:
+    """The mirror as an aiohttp app; nothing is opened until it starts.
+
+    `clock` is wall time (stored in the database), `monotonic` measures
+    intervals (token expiry, throttling); tests pass fake clocks for both.
+    """
     metadata = MetadataStore(config.cache.dir / DATABASE_NAME)
     blobs = BlobStore(config.cache.dir)
     metrics = Metrics(registry)
-    upstream = UpstreamClient(config.upstream, metrics)
+    upstream = UpstreamClient(config.upstream, metrics, clock=monotonic)
     cache = PullThroughCache(
-        metadata, blobs, upstream, metrics, tag_ttl=config.cache.tag_ttl, clock=clock
+        metadata,
+        blobs,
+        upstream,
+        metrics,
+        tag_ttl=config.cache.tag_ttl,
+        max_stale=config.cache.max_stale,
+        resume_attempts=config.upstream.resume_attempts,
+        clock=clock,
     )
     handlers = RegistryHandlers(cache, metrics)
 

@@ -146,9 +146,42 @@ def parse_choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
-def _key(parser: Callable[[object], Any], default: object, doc: str) -> Any:
+def parse_int(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"{value!r} is not a whole number >= 0")
+
+
+def parse_optional_duration(value: object) -> float | None:
+    """A duration, or `unlimited` for no bound (None)."""
+    if isinstance(value, str) and value.strip().lower() in {"unlimited", "none"}:
+        return None
+    return parse_duration(value)
+
+
+def parse_hosts(value: object) -> tuple[str, ...]:
+    """Host names: a TOML array, or a comma-separated string (environment)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, list | tuple) and all(isinstance(i, str) for i in items):
+        return tuple(i.strip().lower() for i in items if i.strip())
+    raise ValueError(f"{value!r} is not a list of host names")
+
+
+def parse_text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("is not a string")
+
+
+def _key(
+    parser: Callable[[object], Any], default: object, doc: str, *, secret: bool = False
+) -> Any:
     """A config key: its parser, its default and one line for the docs."""
-    return field(default=default, metadata={"parse": parser, "doc": doc})
+    return field(
+        default=default, repr=not secret, metadata={"parse": parser, "doc": doc}
+    )
 
 
 # --- the schema ---------------------------------------------------------------
@@ -172,6 +205,37 @@ class UpstreamConfig:
     read_timeout: float = _key(
         parse_duration, 60.0, "longest silence while waiting for upstream bytes"
     )
+    first_byte_timeout: float = _key(
+        parse_duration, 30.0, "longest wait from sending a request to its headers"
+    )
+    username: str = _key(parse_text, "", "Docker Hub user (or empty: anonymous)")
+    password: str = _key(
+        parse_text, "", "password or access token for username", secret=True
+    )
+    password_file: Path | None = _key(
+        parse_path, None, "file holding the password (instead of password)"
+    )
+    trusted_realms: tuple[str, ...] = _key(
+        parse_hosts,
+        (),
+        "token realm hosts trusted with credentials besides upstream's domain",
+    )
+    retries: int = _key(parse_int, 3, "attempts for an idempotent upstream request")
+    retry_backoff: float = _key(
+        parse_duration, 0.5, "first wait between attempts; doubles, with jitter"
+    )
+    retry_max_time: float = _key(
+        parse_duration, 20.0, "give up retrying a request after this long"
+    )
+    down_backoff: float = _key(
+        parse_duration, 5.0, "after upstream failed every attempt, fail fast this long"
+    )
+    resume_attempts: int = _key(
+        parse_int, 3, "times a cut blob download is resumed with a Range request"
+    )
+    ratelimit_warn_below: int = _key(
+        parse_int, 20, "log a warning when fewer pulls than this remain"
+    )
 
 
 @dataclass(frozen=True)
@@ -182,6 +246,11 @@ class CacheConfig:
     )
     tag_ttl: float = _key(
         parse_duration, 300.0, "how long a tag is served without asking upstream"
+    )
+    max_stale: float | None = _key(
+        parse_optional_duration,
+        None,
+        "how old a cached tag may be and still be served when upstream fails",
     )
 
 
@@ -262,6 +331,7 @@ def load_config(
         if section == "cache" and "dir" not in values:
             values["dir"] = default_cache_dir(environ)
         sections[section] = cls(**values)
+    sections["upstream"] = _read_password(sections["upstream"])
     if raw:
         raise ConfigError(f"unknown section [{sorted(raw)[0]}]")
 
@@ -292,3 +362,27 @@ def describe() -> list[tuple[str, str, str, str]]:
                 )
             )
     return rows
+
+
+def _read_password(upstream: UpstreamConfig) -> UpstreamConfig:
+    """Resolve password_file into password; check the credentials add up.
+
+    Raises ConfigError.
+    """
+    password = upstream.password
+    if upstream.password_file is not None:
+        if password:
+            raise ConfigError(
+                "upstream.password_file: give either password or password_file"
+            )
+        try:
+            password = upstream.password_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"upstream.password_file: cannot read: {exc}") from None
+    if bool(upstream.username) != bool(password):
+        raise ConfigError(
+            "upstream.username: username and password go together"
+            if upstream.username
+            else "upstream.password: set upstream.username too"
+        )
+    return dataclasses.replace(upstream, password=password)

@@ -66,3 +66,39 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "mirror_upstream_retries",
+            "Upstream requests retried after a connection error or 5xx, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "mirror_upstream_up",
+            "1 while upstream answers; 0 after a request failed every retry "
+            "(requests then fail fast for upstream.down_backoff).",
+            registry=r,
+        )
+        self.upstream_auth_failures = Counter(
+            "mirror_upstream_auth_failures",
+            "Upstream authentication failures by reason (rejected: the "
+            "configured credentials; denied: anonymous refused; "
+            "untrusted_realm: a realm not trusted with credentials).",
+            ["reason"],
+            registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit",
+            "Pulls allowed per window, from upstream's ratelimit-limit header.",
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the window, from upstream's ratelimit-remaining "
+            "header (0 after a 429).",
+            registry=r,
+        )
+        self.blob_resumes = Counter(
+            "mirror_blob_resumes",
+            "Blob downloads resumed with a Range request after upstream cut them.",
+            registry=r,
+        )

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from cachetools import LRUCache
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 # Upper bound of one read from a download's temp file for one client.
 READ_CHUNK = 1024 * 1024
+Hasher = Any  # hashlib's hash objects have no public type
 # Bytes of manifests kept in memory for hot tags and digests.
 MANIFEST_MEMORY = 64 * 1024 * 1024
 
@@ -65,7 +66,7 @@ class Upstream(Protocol):
     ) -> tuple[ManifestInfo, bytes]: ...
 
     def blob(
-        self, repository: str, digest: str
+        self, repository: str, digest: str, offset: int = 0
     ) -> AbstractAsyncContextManager[BlobResponse]: ...
 
     async def head_blob(self, repository: str, digest: str) -> int | None: ...
@@ -101,6 +102,8 @@ class PullThroughCache:
         metrics: Metrics,
         *,
         tag_ttl: float,
+        max_stale: float | None = None,
+        resume_attempts: int = 3,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metadata = metadata
@@ -108,6 +111,8 @@ class PullThroughCache:
         self.upstream = upstream
         self.metrics = metrics
         self.tag_ttl = tag_ttl
+        self.max_stale = max_stale
+        self.resume_attempts = resume_attempts
         self.clock = clock
         self._manifests: LRUCache[str, Manifest] = LRUCache(
             maxsize=MANIFEST_MEMORY, getsizeof=lambda m: m.size or 1
@@ -225,7 +230,7 @@ class PullThroughCache:
                 key, lambda: self._revalidate(repository, tag, known=record, body=body)
             )
         except (UpstreamError, DigestMismatch) as exc:
-            if record is None:
+            if record is None or not self._may_serve_stale(record):
                 self.metrics.cache_requests.labels("tag", result).inc()
                 raise
             self.metrics.cache_requests.labels("tag", "stale").inc()
@@ -239,6 +244,11 @@ class PullThroughCache:
             return record, True
         self.metrics.cache_requests.labels("tag", result).inc()
         return fresh, False
+
+    def _may_serve_stale(self, record: TagRecord) -> bool:
+        """Within cache.max_stale of the last time upstream confirmed it."""
+        age = self.clock() - record.checked
+        return self.max_stale is None or age <= self.max_stale
 
     async def _revalidate(
         self, repository: str, tag: str, *, known: TagRecord | None, body: bool
@@ -439,13 +449,33 @@ class BlobDownload:
         cache.metrics.downloads_in_progress.inc()
         write_fd: int | None = None
         try:
-            async with cache.upstream.blob(self.repository, str(self.digest)) as resp:
-                self.size = resp.size
-                write_fd = await asyncio.to_thread(
-                    os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-                )
-                self._fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
-                await self._copy(resp.content, write_fd)
+            write_fd = await asyncio.to_thread(
+                os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+            )
+            self._fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
+            hasher = self.digest.hasher()
+            resumes = 0
+            while True:
+                try:
+                    await self._fetch(write_fd, hasher)
+                    break
+                except _BodyCut as cut:
+                    if resumes >= cache.resume_attempts:
+                        raise
+                    resumes += 1
+                    cache.metrics.blob_resumes.inc()
+                    log.info(
+                        "upstream cut blob %s at byte %d of %s (%s); resuming (%d/%d)",
+                        self.digest,
+                        self.written,
+                        self.size,
+                        cut.detail,
+                        resumes,
+                        cache.resume_attempts,
+                    )
+            actual = Digest(self.digest.algorithm, hasher.hexdigest())
+            if actual != self.digest:
+                raise DigestMismatch(str(self.digest), str(actual))
             await asyncio.to_thread(os.close, write_fd)
             write_fd = None
             await cache.blobs.commit(temp, self.digest)
@@ -459,7 +489,7 @@ class BlobDownload:
             )
         except BaseException as exc:
             self.error = _as_domain_error(exc)
-            if isinstance(exc, DigestMismatch | UpstreamUnavailable):
+            if isinstance(exc, DigestMismatch | _BodyCut):
                 cache.metrics.verification_failures.labels("blob").inc()
             log.warning(
                 "download of blob %s for %s failed after %d bytes: %s",
@@ -480,13 +510,39 @@ class BlobDownload:
             self._notify()
             self.release()
 
-    async def _copy(self, content: aiohttp.StreamReader, fd: int) -> None:
+    async def _fetch(self, fd: int, hasher: Hasher) -> None:
+        """One upstream request, from byte `written` on, appended to `fd`.
+
+        Raises _BodyCut if the body ends early (resumable), UpstreamError if
+        upstream refuses, DigestMismatch if the body is longer than declared
+        or upstream changed its size.
+        """
+        cache = self._cache
+        async with cache.upstream.blob(
+            self.repository, str(self.digest), offset=self.written
+        ) as resp:
+            if self.size is None:
+                self.size = resp.size
+            elif resp.size is not None and resp.size != self.size:
+                raise DigestMismatch(
+                    str(self.digest), f"size changed from {self.size} to {resp.size}"
+                )
+            # A 200 to a Range request restarts at 0: skip what we have.
+            await self._copy(resp.content, fd, hasher, skip=self.written - resp.offset)
+        if self.size is not None and self.written < self.size:
+            raise _BodyCut(
+                "upstream blob body cut short",
+                {"received": self.written, "expected": self.size},
+            )
+
+    async def _copy(
+        self, content: aiohttp.StreamReader, fd: int, hasher: Hasher, skip: int
+    ) -> None:
         """Hash and append the body to `fd`, publishing progress as it goes.
 
-        Raises UpstreamUnavailable if the body is cut short, DigestMismatch if
-        it is too long or hashes wrong.
+        Raises _BodyCut if reading fails, DigestMismatch if the body runs
+        past the declared size.
         """
-        hasher = self.digest.hasher()
         metrics = self._cache.metrics.upstream_bytes.labels("blob")
 
         def append(data: bytes) -> None:
@@ -500,7 +556,7 @@ class BlobDownload:
             while True:
                 data = await content.readany()
                 if not data:
-                    break
+                    return
                 parts = [data]
                 # Take what else is already buffered, to write in one call.
                 while sum(map(len, parts)) < READ_CHUNK and (
@@ -508,8 +564,12 @@ class BlobDownload:
                 ):
                     parts.append(more)
                 batch = b"".join(parts) if len(parts) > 1 else data
-                await asyncio.to_thread(append, batch)
                 metrics.inc(len(batch))
+                if skip:
+                    batch, skip = batch[skip:], max(0, skip - len(batch))
+                    if not batch:
+                        continue
+                await asyncio.to_thread(append, batch)
                 self._recent_offset, self._recent = self.written, batch
                 self.written += len(batch)
                 if self.size is not None and self.written > self.size:
@@ -518,17 +578,14 @@ class BlobDownload:
                     self._started.set()
                 self._notify()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(
-                "upstream blob body cut short", {"received": self.written}
-            ) from exc
-        if self.size is not None and self.written != self.size:
-            raise UpstreamUnavailable(
+            raise _BodyCut(
                 "upstream blob body cut short",
-                {"received": self.written, "expected": self.size},
-            )
-        actual = Digest(self.digest.algorithm, hasher.hexdigest())
-        if actual != self.digest:
-            raise DigestMismatch(str(self.digest), str(actual))
+                {"received": self.written, "error": str(exc) or type(exc).__name__},
+            ) from exc
+
+
+class _BodyCut(UpstreamUnavailable):
+    """Upstream's blob body ended early: worth resuming with a Range."""
 
 
 def _file_size(path: Path) -> int | None:

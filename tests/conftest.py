@@ -62,11 +62,14 @@ async def make_mirror(
         env = {
             "MIRROR_UPSTREAM_URL": str(server.make_url("")).rstrip("/"),
             "MIRROR_CACHE_DIR": str(tmp_path / f"cache{counter}"),
+            # Retry at once: tests assert on request counts, not on waiting.
+            "MIRROR_UPSTREAM_RETRY_BACKOFF": "0s",
             **{f"MIRROR_{k.upper()}": v for k, v in settings.items()},
         }
         config = load_config(None, env)
         clock = FakeClock()
-        client = await aiohttp_client(create_app(config, clock=clock))
+        app = create_app(config, clock=clock, monotonic=clock)
+        client = await aiohttp_client(app)
         return Mirror(client, upstream, config, clock)
 
     return make

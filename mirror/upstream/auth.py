@@ -5,20 +5,32 @@ A registry answers an unauthenticated request with 401 and a challenge::
     WWW-Authenticate: Bearer realm="https://auth.docker.io/token",
         service="registry.docker.io",scope="repository:library/alpine:pull"
 
-`TokenAuth` fetches `realm?service=...&scope=...` (anonymously for now),
-caches the token per (realm, service, scope) until shortly before it expires,
-and makes concurrent requests for one scope share one token fetch. It
-remembers the last challenge, so later requests for other scopes authenticate
-up front instead of paying a 401 round trip each.
+`TokenAuth` fetches `realm?service=...&scope=...` — anonymously, or with HTTP
+Basic credentials when configured — caches the token per (realm, service,
+scope) until shortly before it expires, and makes concurrent requests for one
+scope share one token fetch. It remembers the last challenge, so later
+requests for other scopes authenticate up front instead of paying a 401 each.
+
+Credentials go only to a realm on the upstream's own domain (the last two
+labels of its host name: `auth.docker.io` for `registry-1.docker.io`), or to
+one listed in `upstream.trusted_realms`, and only over HTTPS (plain HTTP only
+to loopback, for tests). A realm elsewhere is refused, not answered
+anonymously: silently pulling as anonymous would hide that the configured
+account is not being used. Rejected credentials are logged as errors,
+counted, and make the mirror report itself not ready until a token fetch
+succeeds again.
 """
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from cachetools import TLRUCache
@@ -39,6 +51,16 @@ class Challenge:
     realm: str
     service: str
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,67 +86,134 @@ def token_expiry_margin(ttl: float) -> float:
     return min(30.0, max(1.0, ttl * 0.1))
 
 
+def _registrable_domain(host: str) -> str:
+    """`registry-1.docker.io` -> `docker.io`; IPs and single labels as is."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        labels = host.split(".")
+        return ".".join(labels[-2:]) if len(labels) > 2 else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def realm_trusted(realm: str, upstream_url: str, trusted: tuple[str, ...]) -> bool:
+    """May credentials be sent to this token realm?"""
+    parts = urlsplit(realm)
+    host = (parts.hostname or "").lower()
+    if not host or (parts.scheme != "https" and not _is_loopback(host)):
+        return False
+    upstream_host = (urlsplit(upstream_url).hostname or "").lower()
+    domain = _registrable_domain(upstream_host)
+    return host == domain or host.endswith("." + domain) or host in trusted
+
+
 class TokenAuth:
-    """Bearer tokens for one upstream registry."""
+    """Bearer tokens (and Basic answers) for one upstream registry."""
 
     def __init__(
         self,
         session_getter: Callable[[], aiohttp.ClientSession],
         metrics: Metrics,
+        *,
+        upstream_url: str,
+        credentials: Credentials | None = None,
+        trusted_realms: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session_getter
         self._metrics = metrics
+        self._upstream_url = upstream_url
+        self._credentials = credentials
+        self._trusted_realms = trusted_realms
         self._clock = clock
         self._tokens: TLRUCache[tuple[str, str, str], _Token] = TLRUCache(
             maxsize=4096, ttu=lambda _k, tok, _now: tok.expires_at, timer=clock
         )
         self._fetches: SingleFlight[tuple[str, str, str], _Token] = SingleFlight()
         self._challenge: Challenge | None = None
+        # Set when upstream rejected our credentials; cleared by a success.
+        self.credentials_rejected = False
+
+    @property
+    def identity(self) -> str:
+        return self._credentials.username if self._credentials else "anonymous"
 
     def header_for(self, scope: str) -> str | None:
         """The Authorization header to send up front for `scope`, if known."""
         challenge = self._challenge
-        if challenge is None or challenge.scheme != "bearer":
+        if challenge is None:
             return None
+        if challenge.scheme == "basic":
+            return self._credentials.basic() if self._credentials else None
         token = self._tokens.get((challenge.realm, challenge.service, scope))
         return token.header if token else None
 
     async def authenticate(self, www_authenticate: str, scope: str) -> str:
         """Answer a 401 challenge: the Authorization header to retry with.
 
-        Raises UpstreamDenied if the challenge cannot be answered, and
-        UpstreamUnavailable if the token service cannot be reached.
+        Raises UpstreamDenied if the challenge cannot be answered (or our
+        credentials were rejected), UpstreamUnavailable if the token service
+        cannot be reached.
         """
         challenge = parse_challenge(www_authenticate)
-        if challenge is None or challenge.scheme != "bearer" or not challenge.realm:
+        if challenge is None:
             raise UpstreamDenied(
                 "upstream asks for authentication this mirror cannot give",
                 {"challenge": www_authenticate},
             )
         self._challenge = challenge
+        if challenge.scheme == "basic":
+            if self._credentials is None:
+                raise UpstreamDenied("upstream wants credentials; none configured")
+            return self._credentials.basic()
+        if not challenge.realm:
+            raise UpstreamDenied("upstream bearer challenge names no realm")
         key = (challenge.realm, challenge.service, scope)
-        if challenge.error != "invalid_token":
+        if challenge.error == "invalid_token":
+            self._tokens.pop(key, None)
+        else:
             cached = self._tokens.get(key)
             if cached is not None:
                 return cached.header
-        else:
-            self._tokens.pop(key, None)
         token = await self._fetches.do(key, lambda: self._fetch(challenge, scope))
         return token.header
 
     async def _fetch(self, challenge: Challenge, scope: str) -> _Token:
+        headers = {}
+        if self._credentials is not None:
+            if not realm_trusted(
+                challenge.realm, self._upstream_url, self._trusted_realms
+            ):
+                log.error(
+                    "refusing to send credentials to untrusted token realm %s "
+                    "(add its host to upstream.trusted_realms if it is genuine)",
+                    challenge.realm,
+                )
+                self._metrics.upstream_auth_failures.labels("untrusted_realm").inc()
+                raise UpstreamDenied(
+                    "upstream token realm is not trusted with credentials",
+                    {"realm": challenge.realm},
+                )
+            headers["Authorization"] = self._credentials.basic()
         params = {"scope": scope}
         if challenge.service:
             params["service"] = challenge.service
         try:
-            async with self._session().get(challenge.realm, params=params) as resp:
+            async with self._session().get(
+                challenge.realm, params=params, headers=headers, allow_redirects=False
+            ) as resp:
                 self._metrics.upstream_requests.labels("token", str(resp.status)).inc()
                 if resp.status in (401, 403):
-                    raise UpstreamDenied(
-                        "upstream token service refused the request",
-                        {"status": resp.status},
-                    )
+                    self._rejected(resp.status)
                 if resp.status != 200:
                     raise UpstreamUnavailable(
                         "upstream token service failed", {"status": resp.status}
@@ -135,21 +224,36 @@ class TokenAuth:
             raise UpstreamUnavailable(
                 "upstream token service unreachable", {"error": str(exc)}
             ) from exc
-        raw = (
-            body.get("access_token") or body.get("token")
-            if isinstance(body, dict)
-            else None
-        )
+        raw = None
+        if isinstance(body, dict):
+            raw = body.get("access_token") or body.get("token")
         if not isinstance(raw, str) or not raw:
             raise UpstreamUnavailable("upstream token service sent no token")
         ttl = body.get("expires_in")
-        ttl = (
-            float(ttl)
-            if isinstance(ttl, int | float) and ttl > 0
-            else DEFAULT_TOKEN_TTL
-        )
+        ttl = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else None
+        ttl = ttl or DEFAULT_TOKEN_TTL
         expires_at = self._clock() + ttl - token_expiry_margin(ttl)
         token = _Token(f"Bearer {raw}", expires_at)
         self._tokens[(challenge.realm, challenge.service, scope)] = token
+        if self.credentials_rejected:
+            log.info("upstream accepts the credentials of %s again", self.identity)
+        self.credentials_rejected = False
         log.debug("got upstream token for %s (ttl %.0fs)", scope, ttl)
         return token
+
+    def _rejected(self, status: int) -> None:
+        """The token service said no. Raises UpstreamDenied."""
+        if self._credentials is not None:
+            self.credentials_rejected = True
+            self._metrics.upstream_auth_failures.labels("rejected").inc()
+            log.error(
+                "upstream rejected the credentials of %s (HTTP %d); check "
+                "upstream.username and upstream.password",
+                self.identity,
+                status,
+            )
+            raise UpstreamDenied(
+                "upstream rejected the mirror's credentials", {"status": status}
+            )
+        self._metrics.upstream_auth_failures.labels("denied").inc()
+        raise UpstreamDenied("upstream token service refused the request")

@@ -170,7 +170,9 @@ async def harness(aiohttp_server: ServerFactory) -> AsyncIterator[Harness]:
     clock = Clock()
     metrics = Metrics()
     async with aiohttp.ClientSession() as session:
-        auth = TokenAuth(lambda: session, metrics, clock=clock)
+        auth = TokenAuth(
+            lambda: session, metrics, upstream_url=str(server.make_url("")), clock=clock
+        )
         yield Harness(service, auth, clock, metrics, str(server.make_url("/token")))
 
 

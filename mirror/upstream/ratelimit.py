@@ -1,0 +1,111 @@
+"""Docker Hub's pull rate limit, as upstream reports it.
+
+Docker Hub answers manifest requests with::
+
+    ratelimit-limit: 100;w=21600        pulls allowed per window (seconds)
+    ratelimit-remaining: 76;w=21600     pulls left in the current window
+    docker-ratelimit-source: 203.0.113.7  who is being counted (IP or account)
+
+A manifest GET spends one pull; a HEAD spends none. When the budget is gone
+upstream answers 429 TOOMANYREQUESTS, usually with Retry-After. `RateLimit`
+keeps the last values seen, exports them as gauges, warns when the budget runs
+low, and after a 429 says "throttled" until Retry-After (or the window) has
+passed, so the mirror stops asking for pulls it cannot get and serves its
+cache instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mirror.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_VALUE_RE = re.compile(r"^\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
+# Used when a 429 says neither Retry-After nor a window: a minute, then retry.
+DEFAULT_THROTTLE = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    limit: int | None
+    remaining: int | None
+    window: int | None
+    source: str | None
+
+
+def parse_ratelimit(value: str | None) -> tuple[int, int | None] | None:
+    """`100;w=21600` -> (100, 21600); None when absent or malformed."""
+    if not value:
+        return None
+    match = _VALUE_RE.match(value)
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+class RateLimit:
+    """The upstream pull budget and whether we are throttled."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        warn_below: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._metrics = metrics
+        self._warn_below = warn_below
+        self._clock = clock
+        self.budget = Budget(None, None, None, None)
+        self._throttled_until = 0.0
+        self._warned = False
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Record the rate-limit headers of an upstream response, if any."""
+        limit = parse_ratelimit(headers.get("ratelimit-limit"))
+        remaining = parse_ratelimit(headers.get("ratelimit-remaining"))
+        if limit is None and remaining is None:
+            return
+        window = (remaining or limit or (0, None))[1]
+        self.budget = Budget(
+            limit[0] if limit else self.budget.limit,
+            remaining[0] if remaining else self.budget.remaining,
+            window or self.budget.window,
+            headers.get("docker-ratelimit-source", self.budget.source),
+        )
+        if self.budget.limit is not None:
+            self._metrics.ratelimit_limit.set(self.budget.limit)
+        if self.budget.remaining is None:
+            return
+        self._metrics.ratelimit_remaining.set(self.budget.remaining)
+        low = self.budget.remaining < self._warn_below
+        if low and not self._warned:
+            log.warning(
+                "upstream pull budget low: %d of %s left (window %ss, counted as %s)",
+                self.budget.remaining,
+                self.budget.limit,
+                self.budget.window,
+                self.budget.source,
+            )
+        self._warned = low
+
+    def throttle(self, retry_after: float | None) -> float:
+        """Upstream said 429: stop spending pulls for a while. Returns seconds."""
+        wait = retry_after if retry_after is not None else self.budget.window
+        wait = float(wait) if wait else DEFAULT_THROTTLE
+        self._throttled_until = max(self._throttled_until, self._clock() + wait)
+        self._metrics.ratelimit_remaining.set(0)
+        log.warning("upstream rate limit reached; throttled for %.0fs", wait)
+        return wait
+
+    def throttled_for(self) -> float | None:
+        """Seconds left of throttling (rounded up), or None when not throttled."""
+        left = self._throttled_until - self._clock()
+        return float(math.ceil(left)) if left > 0 else None
