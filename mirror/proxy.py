@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -45,7 +46,12 @@ from mirror.errors import (
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
 from mirror.singleflight import SingleFlight
-from mirror.upstream.client import BlobResponse, ManifestInfo, Passthrough
+from mirror.upstream.client import (
+    BlobResponse,
+    ManifestInfo,
+    Passthrough,
+    UpstreamStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,8 @@ class Upstream(Protocol):
     async def list_tags(
         self, repository: str, params: dict[str, str]
     ) -> Passthrough: ...
+
+    def status(self) -> UpstreamStatus: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +339,26 @@ class PullThroughCache:
     async def list_tags(self, repository: str, params: dict[str, str]) -> Passthrough:
         """Raises NameUnknown, UpstreamError."""
         return await self.upstream.list_tags(repository, params)
+
+    # --- health ---------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Whether to take traffic, and why; the details are for operators.
+
+        Upstream being down does not make the mirror unready (serving its
+        cache then is the point); credentials upstream rejected do, because
+        every uncached pull will fail until someone fixes them.
+        """
+        upstream = self.upstream.status()
+        problems = []
+        if upstream.credentials_rejected:
+            problems.append(f"upstream rejected the credentials of {upstream.identity}")
+        details: dict[str, object] = {
+            "problems": problems,
+            "upstream": dataclasses.asdict(upstream),
+            "downloads_in_progress": len(self._downloads),
+        }
+        return not problems, details
 
 
 class BlobDownload:

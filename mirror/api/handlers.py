@@ -124,6 +124,17 @@ class RegistryHandlers:
             headers={**headers, "Content-Type": result.content_type},
         )
 
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers HTTP."""
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 when the mirror can do its job, else 503; JSON details."""
+        ready, details = self.cache.readiness()
+        return web.json_response(
+            {"ready": ready, **details}, status=200 if ready else 503
+        )
+
     async def metrics_page(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         response = web.Response(body=body)

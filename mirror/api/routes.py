@@ -28,6 +28,8 @@ def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
     r.add_get(f"/v2/{_NAME}/blobs/{{digest}}", handlers.blob, name="blob")
     r.add_get(f"/v2/{_NAME}/tags/list", handlers.tags, name="tags")
     r.add_get("/metrics", handlers.metrics_page, name="metrics")
+    r.add_get("/healthz", handlers.healthz, name="healthz")
+    r.add_get("/readyz", handlers.readyz, name="readyz")
     # Everything else under /v2/: 405 UNSUPPORTED for writes, 404 for reads.
     r.add_route("*", "/v2/{tail:.*}", handlers.unsupported, name="unsupported")
 

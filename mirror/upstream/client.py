@@ -65,6 +65,19 @@ class ManifestInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamStatus:
+    """How upstream looks from here, for readiness and operators."""
+
+    url: str
+    identity: str  # the account we pull as, or "anonymous"
+    credentials_rejected: bool
+    down_for: float  # seconds of failing fast left; 0 when up
+    throttled_for: float  # seconds of rate-limit throttling left; 0 when not
+    ratelimit_limit: int | None
+    ratelimit_remaining: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Passthrough:
     """An upstream response relayed as is (tags/list)."""
 
@@ -153,6 +166,18 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def status(self) -> UpstreamStatus:
+        budget = self.ratelimit.budget
+        return UpstreamStatus(
+            url=self._config.url,
+            identity=self.auth.identity,
+            credentials_rejected=self.auth.credentials_rejected,
+            down_for=round(self.down_for, 1),
+            throttled_for=self.ratelimit.throttled_for() or 0.0,
+            ratelimit_limit=budget.limit,
+            ratelimit_remaining=budget.remaining,
+        )
 
     @property
     def down_for(self) -> float:

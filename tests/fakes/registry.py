@@ -10,6 +10,7 @@ bodies, a gate that holds blob bodies mid-stream, moved tags.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class FakeRegistry:
     """An upstream registry in memory. `app()` builds its aiohttp application."""
 
     auth: bool = False
+    # With users, the token service wants Basic credentials from this table.
+    users: dict[str, str] | None = None
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     tags: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -75,9 +78,25 @@ class FakeRegistry:
     corrupt: set[str] = field(default_factory=set)
     replace: dict[str, bytes] = field(default_factory=dict)
     truncate: dict[str, int] = field(default_factory=dict)
+    truncate_once: dict[str, int] = field(default_factory=dict)
+    honour_range: bool = True
     gate: asyncio.Event | None = None
+    # Holds every /v2 request before it is answered, until set.
+    stall: asyncio.Event | None = None
+    # The token realm's host:port, if not this server's own.
+    realm_host: str | None = None
     send_digest_header: bool = True
     tokens_issued: int = 0
+    # Tokens issued before this number are answered 401 invalid_token.
+    tokens_valid_from: int = 0
+    token_usernames: list[str | None] = field(default_factory=list)
+    # Docker Hub's pull budget: manifest GETs spend one, HEADs none.
+    ratelimit: int | None = None
+    ratelimit_limit: int = 100
+    retry_after: str | None = "30"
+
+    def revoke_tokens(self) -> None:
+        self.tokens_valid_from = self.tokens_issued + 1
 
     # --- content --------------------------------------------------------------
 
@@ -184,28 +203,45 @@ class FakeRegistry:
         self, request: web.Request, handler: object
     ) -> web.StreamResponse:
         self.log.append(Logged(request.method, request.path, dict(request.headers)))
+        if self.stall is not None and request.path != "/token":
+            await self.stall.wait()
         if self.fail_statuses and request.path != "/token":
             status = self.fail_statuses.pop(0)
             return _error(status, "UNAVAILABLE" if status >= 500 else "DENIED")
-        authorization = request.headers.get("Authorization", "")
-        if (
-            self.auth
-            and request.path.startswith("/v2")
-            and not authorization.startswith("Bearer token-")
-        ):
-            realm = f"{request.scheme}://{request.host}/token"
-            challenge = (
-                f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'
-            )
-            return _error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
+        if self.auth and request.path.startswith("/v2"):
+            denied = self._check_token(request)
+            if denied is not None:
+                return denied
         assert callable(handler)
         response: web.StreamResponse = await handler(request)
         return response
 
+    def _check_token(self, request: web.Request) -> web.Response | None:
+        realm = f"{request.scheme}://{self.realm_host or request.host}/token"
+        challenge = f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith("Bearer token-"):
+            return _error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
+        if int(authorization.removeprefix("Bearer token-")) < self.tokens_valid_from:
+            challenge += ',error="invalid_token"'
+            return _error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
+        return None
+
     async def _token(self, request: web.Request) -> web.Response:
+        username = None
+        if self.users is not None:
+            auth = request.headers.get("Authorization", "")
+            try:
+                decoded = base64.b64decode(auth.removeprefix("Basic ")).decode()
+            except ValueError:
+                decoded = ""
+            username, _, password = decoded.partition(":")
+            if not auth.startswith("Basic ") or self.users.get(username) != password:
+                return _error(401, "UNAUTHORIZED")
+        self.token_usernames.append(username)
         self.tokens_issued += 1
         return web.json_response(
-            {"token": f"token-{self.tokens_issued}", "expires_in": 300}
+            {"access_token": f"token-{self.tokens_issued}", "expires_in": 300}
         )
 
     async def _base(self, request: web.Request) -> web.Response:
@@ -220,6 +256,17 @@ class FakeRegistry:
         headers = {"Content-Type": media_type, "Content-Length": str(len(body))}
         if self.send_digest_header:
             headers["Docker-Content-Digest"] = digest
+        if self.ratelimit is not None:
+            if request.method == "GET":
+                if self.ratelimit == 0:
+                    extra = (
+                        {"Retry-After": self.retry_after} if self.retry_after else {}
+                    )
+                    return _error(429, "TOOMANYREQUESTS", extra)
+                self.ratelimit -= 1
+            headers["ratelimit-limit"] = f"{self.ratelimit_limit};w=21600"
+            headers["ratelimit-remaining"] = f"{self.ratelimit};w=21600"
+            headers["docker-ratelimit-source"] = "127.0.0.1"
         if request.method == "HEAD":
             return web.Response(headers=headers)
         return web.Response(body=body, headers=headers)
@@ -235,16 +282,23 @@ class FakeRegistry:
             return web.Response(headers=headers)
         if digest in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        start = 0
         response = web.StreamResponse(headers=headers)
-        response.content_length = len(data)
+        if self.honour_range and request.headers.get("Range"):
+            start = request.http_range.start or 0
+            response.set_status(206)
+            response.headers["Content-Range"] = (
+                f"bytes {start}-{len(data) - 1}/{len(data)}"
+            )
+        response.content_length = len(data) - start
         await response.prepare(request)
-        cut = self.truncate.get(digest)
-        for offset in range(0, len(data), CHUNK):
+        cut = self.truncate.get(digest, self.truncate_once.pop(digest, None))
+        for offset in range(start, len(data), CHUNK):
             if cut is not None and offset >= cut and request.transport is not None:
                 request.transport.abort()
                 return response
             await response.write(data[offset : offset + CHUNK])
-            if offset == 0 and self.gate is not None:
+            if offset == start and self.gate is not None:
                 await self.gate.wait()
         await response.write_eof()
         return response
