@@ -85,6 +85,11 @@ class FakeRegistry:
     stall: asyncio.Event | None = None
     # The token realm's host:port, if not this server's own.
     realm_host: str | None = None
+    # "bearer" (the token flow) or "basic" (credentials on every request).
+    scheme: str = "bearer"
+    # Where blob GETs are redirected (307), like Docker Hub's CDN; see cdn_app.
+    cdn_url: str | None = None
+    cdn_log: list[Logged] = field(default_factory=list)
     send_digest_header: bool = True
     tokens_issued: int = 0
     # Tokens issued before this number are answered 401 invalid_token.
@@ -217,6 +222,11 @@ class FakeRegistry:
         return response
 
     def _check_token(self, request: web.Request) -> web.Response | None:
+        if self.scheme == "basic":
+            if self._basic_user(request) is None:
+                challenge = 'Basic realm="fake"'
+                return _error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
+            return None
         realm = f"{request.scheme}://{self.realm_host or request.host}/token"
         challenge = f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'
         authorization = request.headers.get("Authorization", "")
@@ -227,16 +237,22 @@ class FakeRegistry:
             return _error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
         return None
 
+    def _basic_user(self, request: web.Request) -> str | None:
+        """The user named by valid Basic credentials, else None."""
+        auth = request.headers.get("Authorization", "")
+        try:
+            decoded = base64.b64decode(auth.removeprefix("Basic ")).decode()
+        except ValueError:
+            return None
+        username, _, password = decoded.partition(":")
+        valid = auth.startswith("Basic ") and (self.users or {}).get(username)
+        return username if valid and valid == password else None
+
     async def _token(self, request: web.Request) -> web.Response:
         username = None
         if self.users is not None:
-            auth = request.headers.get("Authorization", "")
-            try:
-                decoded = base64.b64decode(auth.removeprefix("Basic ")).decode()
-            except ValueError:
-                decoded = ""
-            username, _, password = decoded.partition(":")
-            if not auth.startswith("Basic ") or self.users.get(username) != password:
+            username = self._basic_user(request)
+            if username is None:
                 return _error(401, "UNAUTHORIZED")
         self.token_usernames.append(username)
         self.tokens_issued += 1
@@ -271,8 +287,25 @@ class FakeRegistry:
             return web.Response(headers=headers)
         return web.Response(body=body, headers=headers)
 
+    def cdn_app(self) -> web.Application:
+        """A stand-in for Docker Hub's blob CDN: serves blobs, refuses auth."""
+        app = web.Application()
+        app.router.add_get("/cdn/{digest}", self._cdn_blob)
+        return app
+
+    async def _cdn_blob(self, request: web.Request) -> web.StreamResponse:
+        self.cdn_log.append(Logged(request.method, request.path, dict(request.headers)))
+        if "Authorization" in request.headers:
+            return _error(400, "CREDENTIALS_SENT_TO_CDN")
+        return await self._send_blob(request, request.match_info["digest"])
+
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
+        if self.cdn_url is not None and digest in self.blobs:
+            raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/cdn/{digest}")
+        return await self._send_blob(request, digest)
+
+    async def _send_blob(self, request: web.Request, digest: str) -> web.StreamResponse:
         data = self.blobs.get(digest)
         if data is None:
             return _error(404, "BLOB_UNKNOWN")

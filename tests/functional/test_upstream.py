@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
 def blob_data(n: int, size: int = 600_000) -> bytes:
@@ -291,3 +295,42 @@ async def test_resumes_are_bounded(make_mirror: MirrorFactory) -> None:
         await resp.read()
     assert upstream.count("blob", "GET") == 3  # the first try and two resumes
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
+
+
+# --- the CDN redirect and Basic auth --------------------------------------------
+
+
+async def test_blob_redirect_to_cdn_is_followed_without_credentials(
+    make_mirror: MirrorFactory, aiohttp_server: ServerFactory
+) -> None:
+    upstream = FakeRegistry(auth=True)
+    image = upstream.push_image("library/app", "1", [blob_data(4)])
+    cdn = await aiohttp_server(upstream.cdn_app())
+    upstream.cdn_url = str(cdn.make_url("")).rstrip("/")
+    mirror = await make_mirror(upstream)
+    resp = await mirror.client.get(f"/v2/library/app/blobs/{image.layers[0]}")
+    assert resp.status == 200
+    assert sha256(await resp.read()) == image.layers[0]
+    assert len(upstream.cdn_log) == 1
+    assert "Authorization" not in upstream.cdn_log[0].headers
+    # The registry itself did get the token.
+    blob_get = upstream.requests("blob", "GET")[-1]
+    assert blob_get.headers["Authorization"].startswith("Bearer ")
+
+
+async def test_basic_challenge_is_answered_with_the_credentials(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry(auth=True, scheme="basic", users={"u": "p"})
+    image = upstream.push_image("library/app", "1", [b"n" * 100])
+    mirror = await make_mirror(upstream, upstream_username="u", upstream_password="p")
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+    assert resp.status == 200
+    assert await resp.read() == image.manifest
+    resp = await mirror.client.get(f"/v2/library/app/blobs/{image.layers[0]}")
+    assert resp.status == 200
+    # One 401 taught the scheme; later requests carried Basic up front.
+    assert (
+        upstream.count() - sum(1 for r in upstream.log if "Authorization" in r.headers)
+        == 1
+    )
