@@ -80,7 +80,12 @@ def create_app(
             flusher = asyncio.create_task(_flush_access(metadata))
             stack.push_async_callback(_cancel, flusher)
             stack.push_async_callback(cache.close)
-            log.info("mirroring %s into %s", config.upstream.url, config.cache.dir)
+            log.info(
+                "mirroring %s as %s into %s",
+                config.upstream.url,
+                config.upstream.username or "anonymous",
+                config.cache.dir,
+            )
             yield
 
     app.cleanup_ctx.append(lifecycle)
