@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,8 @@ from mirror.api.errors import error_middleware
 from mirror.api.handlers import RegistryHandlers
 from mirror.api.routes import add_routes, metrics_middleware
 from mirror.cache.blobs import BlobStore
+from mirror.cache.eviction import Evictor, PinSet
+from mirror.cache.integrity import reconcile
 from mirror.cache.metadata import MetadataStore
 from mirror.config import Config
 from mirror.metrics import Metrics
@@ -32,6 +35,20 @@ log = logging.getLogger(__name__)
 
 CACHE = web.AppKey("cache", PullThroughCache)
 METRICS = web.AppKey("metrics", Metrics)
+RELOAD: web.AppKey[Callable[[Config], list[str]]] = web.AppKey("reload")
+# Keys a SIGHUP applies without a restart.
+RELOADABLE_KEYS = frozenset(
+    {
+        "cache.tag_ttl",
+        "cache.max_stale",
+        "cache.max_size",
+        "cache.min_free",
+        "cache.low_watermark",
+        "cache.eviction_interval",
+        "upstream.ratelimit_warn_below",
+        "log.level",
+    }
+)
 # How often batched last-access times are written to SQLite.
 ACCESS_FLUSH_INTERVAL = 10.0
 DATABASE_NAME = "mirror.db"
@@ -53,11 +70,24 @@ def create_app(
     blobs = BlobStore(config.cache.dir)
     metrics = Metrics(registry)
     upstream = UpstreamClient(config.upstream, metrics, clock=monotonic)
+    pins = PinSet()
+    evictor = Evictor(
+        metadata,
+        blobs,
+        metrics,
+        pins,
+        max_size=config.cache.max_size,
+        min_free=config.cache.min_free,
+        low_watermark=config.cache.low_watermark,
+        interval=config.cache.eviction_interval,
+    )
     cache = PullThroughCache(
         metadata,
         blobs,
         upstream,
         metrics,
+        evictor=evictor,
+        pins=pins,
         tag_ttl=config.cache.tag_ttl,
         max_stale=config.cache.max_stale,
         resume_attempts=config.upstream.resume_attempts,
@@ -69,17 +99,45 @@ def create_app(
     app[CACHE] = cache
     app[METRICS] = metrics
     add_routes(app, handlers)
+    current = config
+
+    def reload(new: Config) -> list[str]:
+        """Apply what can change live; returns the changed keys that cannot."""
+        nonlocal current
+        cache.tag_ttl = new.cache.tag_ttl
+        cache.max_stale = new.cache.max_stale
+        evictor.max_size = new.cache.max_size
+        evictor.min_free = new.cache.min_free
+        evictor.low_watermark = new.cache.low_watermark
+        evictor.interval = new.cache.eviction_interval
+        upstream.ratelimit.warn_below = new.upstream.ratelimit_warn_below
+        logging.getLogger().setLevel(new.log.level.upper())
+        evictor.trigger()
+        changed = [
+            key
+            for key, _before, _after in _differences(current, new)
+            if key not in RELOADABLE_KEYS
+        ]
+        current = new
+        return changed
+
+    app[RELOAD] = reload
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             await metadata.open()
             stack.push_async_callback(metadata.close)
             await blobs.open()
+            await reconcile(metadata, blobs, clock())
+            await evictor.load()
             await upstream.open()
             stack.push_async_callback(upstream.close)
             flusher = asyncio.create_task(_flush_access(metadata))
             stack.push_async_callback(_cancel, flusher)
+            worker = asyncio.create_task(evictor.run())
+            stack.push_async_callback(_cancel, worker)
             stack.push_async_callback(cache.close)
+            evictor.trigger()  # the budget may have shrunk while we were down
             log.info(
                 "mirroring %s as %s into %s",
                 config.upstream.url,
@@ -105,3 +163,12 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _differences(old: Config, new: Config) -> Iterator[tuple[str, object, object]]:
+    for section in dataclasses.fields(old):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for key in dataclasses.fields(before):
+            a, b = getattr(before, key.name), getattr(after, key.name)
+            if a != b:
+                yield f"{section.name}.{key.name}", a, b

@@ -7,10 +7,12 @@ configuration or the command line is wrong; nothing was served.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -48,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(config)
     if args.command == "serve":
-        return serve(config)
+        return serve(config, args.config)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -60,9 +62,9 @@ def setup_logging(config: Config) -> None:
     )
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, config_path: Path | None) -> int:
     # Imported here so the CLI's error paths stay fast and dependency-light.
-    from mirror.app import create_app
+    from mirror.app import RELOAD, create_app
 
     try:
         config.cache.dir.mkdir(parents=True, exist_ok=True)
@@ -75,9 +77,17 @@ def serve(config: Config) -> int:
         return 2
     listen = config.server.listen
     log.info("mirror %s listening on %s", __version__, listen)
+    app = create_app(config)
+
+    async def on_startup(app: web.Application) -> None:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, reload_config, app[RELOAD], config_path
+        )
+
+    app.on_startup.append(on_startup)
     try:
         web.run_app(
-            create_app(config),
+            app,
             host=listen.host,
             port=listen.port,
             access_log=logging.getLogger("mirror.access")
@@ -91,3 +101,20 @@ def serve(config: Config) -> int:
         print(f"mirror: cannot listen on {listen}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def reload_config(apply: Callable[[Config], list[str]], path: Path | None) -> None:
+    """SIGHUP: re-read the configuration and apply what can change live.
+
+    A configuration that does not load is reported and ignored: the daemon
+    keeps running on the old one.
+    """
+    try:
+        config = load_config(path, os.environ)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return
+    needs_restart = apply(config)
+    log.info("configuration reloaded from %s", path or "the environment")
+    for key in needs_restart:
+        log.warning("%s changed but takes effect only after a restart", key)

@@ -146,6 +146,26 @@ def parse_choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def parse_fraction(value: object) -> float:
+    """`90%` or `0.9`: a share strictly between 0 and 1 (1 itself allowed)."""
+    number: float | None = None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            number = float(value.strip()[:-1]) / 100
+        except ValueError:
+            number = None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is not None and 0 < number <= 1:
+        return number
+    raise ValueError(f"{value!r} is not a share (use e.g. 90% or 0.9)")
+
+
 def parse_int(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
@@ -251,6 +271,18 @@ class CacheConfig:
         parse_optional_duration,
         None,
         "how old a cached tag may be and still be served when upstream fails",
+    )
+    max_size: int = _key(
+        parse_size, 50 * 1024**3, "disk budget for cached blobs (bytes)"
+    )
+    min_free: int = _key(
+        parse_size, 1024**3, "keep at least this much free on the cache's disk"
+    )
+    low_watermark: float = _key(
+        parse_fraction, 0.9, "eviction frees space down to this share of max_size"
+    )
+    eviction_interval: float = _key(
+        parse_duration, 30.0, "how often the eviction worker checks the budget"
     )
 
 

@@ -102,3 +102,36 @@ class Metrics:
             "Blob downloads resumed with a Range request after upstream cut them.",
             registry=r,
         )
+        self.cache_size = Gauge(
+            "mirror_cache_size_bytes",
+            "Bytes of blobs in the cache.",
+            registry=r,
+        )
+        self.cache_max_size = Gauge(
+            "mirror_cache_max_size_bytes",
+            "The cache's size budget, cache.max_size.",
+            registry=r,
+        )
+        self.cache_blobs = Gauge(
+            "mirror_cache_blobs",
+            "Blobs in the cache.",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "mirror_evictions",
+            "Blobs removed by the eviction worker.",
+            registry=r,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes",
+            "Bytes removed by the eviction worker.",
+            registry=r,
+        )
+        self.uncached_downloads = Counter(
+            "mirror_uncached_downloads",
+            "Blobs streamed to clients without being cached, by reason "
+            "(too_large: bigger than cache.max_size; disk_full: the disk "
+            "filled up mid-download).",
+            ["reason"],
+            registry=r,
+        )

@@ -25,23 +25,22 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import aiohttp
 from cachetools import LRUCache
 
 from mirror.cache.blobs import BlobStore
+from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.metadata import MetadataStore, TagRecord
+from mirror.download import BlobDownload, DownloadContext
 from mirror.errors import (
     DigestInvalid,
     DigestMismatch,
-    MirrorError,
     UpstreamError,
-    UpstreamUnavailable,
 )
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
@@ -56,8 +55,6 @@ from mirror.upstream.client import (
 log = logging.getLogger(__name__)
 
 # Upper bound of one read from a download's temp file for one client.
-READ_CHUNK = 1024 * 1024
-Hasher = Any  # hashlib's hash objects have no public type
 # Bytes of manifests kept in memory for hot tags and digests.
 MANIFEST_MEMORY = 64 * 1024 * 1024
 
@@ -109,6 +106,8 @@ class PullThroughCache:
         upstream: Upstream,
         metrics: Metrics,
         *,
+        evictor: Evictor,
+        pins: PinSet,
         tag_ttl: float,
         max_stale: float | None = None,
         resume_attempts: int = 3,
@@ -118,24 +117,29 @@ class PullThroughCache:
         self.blobs = blobs
         self.upstream = upstream
         self.metrics = metrics
+        self.pins = pins
         self.tag_ttl = tag_ttl
         self.max_stale = max_stale
-        self.resume_attempts = resume_attempts
         self.clock = clock
+        self._download_context = DownloadContext(
+            upstream, blobs, metadata, metrics, evictor, resume_attempts, clock
+        )
         self._manifests: LRUCache[str, Manifest] = LRUCache(
             maxsize=MANIFEST_MEMORY, getsizeof=lambda m: m.size or 1
         )
         self._manifest_fetches: SingleFlight[str, Manifest] = SingleFlight()
         self._tag_checks: SingleFlight[tuple[str, str], TagRecord] = SingleFlight()
+        # Downloads new readers may join, and every download still running.
         self._downloads: dict[Digest, BlobDownload] = {}
+        self._running: set[BlobDownload] = set()
 
     async def close(self) -> None:
         """Stop every download and shared fetch in flight (shutdown)."""
-        for download in list(self._downloads.values()):
+        running = list(self._running)
+        for download in running:
             download.cancel()
         await asyncio.gather(
-            *(d.task for d in self._downloads.values() if d.task),
-            return_exceptions=True,
+            *(d.task for d in running if d.task), return_exceptions=True
         )
         await self._manifest_fetches.cancel_all()
         await self._tag_checks.cancel_all()
@@ -304,9 +308,16 @@ class PullThroughCache:
                 self.metadata.touch_blob(str(digest), self.clock())
                 return CachedBlob(self.blobs.path(digest), size)
             self.metrics.cache_requests.labels("blob", "miss").inc()
-            download = BlobDownload(repository, digest, self)
+            download = BlobDownload(
+                repository, digest, self._download_context, self._detach
+            )
             self._downloads[digest] = download
+            self._running.add(download)
             download.start()
+            if download.task is not None:
+                download.task.add_done_callback(
+                    lambda _t: self._running.discard(download)
+                )
         else:
             self.metrics.cache_requests.labels("blob", "joined").inc()
         download.acquire()
@@ -330,7 +341,8 @@ class PullThroughCache:
             return download.size
         return await self.upstream.head_blob(repository, digest=str(digest))
 
-    def _download_finished(self, download: BlobDownload) -> None:
+    def _detach(self, download: BlobDownload) -> None:
+        """No new reader may join `download` (it ended, or went uncached)."""
         if self._downloads.get(download.digest) is download:
             del self._downloads[download.digest]
 
@@ -361,261 +373,6 @@ class PullThroughCache:
         return not problems, details
 
 
-class BlobDownload:
-    """One upstream fetch of one blob, shared by every reader attached to it.
-
-    The fetch task appends to a temp file and publishes how many bytes are on
-    disk; readers `pread` from a shared read-only fd, which stays valid when
-    the file is renamed into the store or unlinked on failure. The last bytes
-    are published only after the digest is verified, so no reader can finish
-    a response with unverified content. On failure every reader gets the
-    error, and the handlers abort their responses short of their length.
-    """
-
-    def __init__(
-        self, repository: str, digest: Digest, cache: PullThroughCache
-    ) -> None:
-        self.repository = repository
-        self.digest = digest
-        self._cache = cache
-        self.size: int | None = None
-        self.written = 0
-        self.verified = False
-        self.error: BaseException | None = None
-        self.task: asyncio.Task[None] | None = None
-        self._started = asyncio.Event()
-        self._changed = asyncio.Event()
-        self._fd: int | None = None
-        self._refs = 1  # the fetch task's own reference
-        # The newest batch, kept so readers that are caught up need no pread.
-        self._recent_offset = 0
-        self._recent = b""
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"download {self.digest}")
-
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
-    def acquire(self) -> None:
-        self._refs += 1
-
-    def release(self) -> None:
-        self._refs -= 1
-        if self._refs == 0 and self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    async def wait_started(self) -> None:
-        """Wait until a first byte may be sent, or the blob is complete.
-
-        Nothing is promised to a client before that, so a download failing
-        on its first read (or a zero-length body for a non-empty digest)
-        becomes a clean error status rather than a cut response.
-
-        Raises the download's error if it failed.
-        """
-        await self._started.wait()
-        if self.error is not None:
-            raise self.error
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    def _readable(self) -> int:
-        """How many bytes readers may send now."""
-        if self.verified:
-            return self.written
-        if self.size is not None and self.written < self.size:
-            return self.written
-        # The final byte waits for verification (or the size is unknown and
-        # any byte could be the last one).
-        return max(0, self.written - 1)
-
-    async def stream(
-        self, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        """Bytes from `start` as they become available.
-
-        With `end` (exclusive) this is a range, sent as soon as its bytes are
-        on disk. Without it, the stream runs to the end of the blob and ends
-        only after the digest was verified.
-
-        Raises the download's error (UpstreamError, DigestMismatch, ...) if it
-        fails before the stream is complete.
-        """
-        offset = start
-        while True:
-            limit = self._readable() if end is None else min(end, self._readable())
-            if offset < limit:
-                length = min(limit - offset, READ_CHUNK)
-                yield await self._read(offset, length)
-                offset += length
-                continue
-            if end is not None and offset >= end:
-                return
-            if end is None and self.verified and offset >= self.written:
-                return
-            if self.error is not None:
-                raise self.error
-            await self._changed.wait()
-
-    async def _read(self, offset: int, length: int) -> bytes:
-        recent_end = self._recent_offset + len(self._recent)
-        if self._recent_offset <= offset and offset + length <= recent_end:
-            start = offset - self._recent_offset
-            return self._recent[start : start + length]
-        if self._fd is None:  # only after release(): a reader outlived its ref
-            raise RuntimeError("read from a released download")
-        return await asyncio.to_thread(os.pread, self._fd, length, offset)
-
-    async def _run(self) -> None:
-        cache = self._cache
-        temp = cache.blobs.temp_path()
-        cache.metrics.downloads_in_progress.inc()
-        write_fd: int | None = None
-        try:
-            write_fd = await asyncio.to_thread(
-                os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-            )
-            self._fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
-            hasher = self.digest.hasher()
-            resumes = 0
-            while True:
-                try:
-                    await self._fetch(write_fd, hasher)
-                    break
-                except _BodyCut as cut:
-                    if resumes >= cache.resume_attempts:
-                        raise
-                    resumes += 1
-                    cache.metrics.blob_resumes.inc()
-                    log.info(
-                        "upstream cut blob %s at byte %d of %s (%s); resuming (%d/%d)",
-                        self.digest,
-                        self.written,
-                        self.size,
-                        cut.detail,
-                        resumes,
-                        cache.resume_attempts,
-                    )
-            actual = Digest(self.digest.algorithm, hasher.hexdigest())
-            if actual != self.digest:
-                raise DigestMismatch(str(self.digest), str(actual))
-            await asyncio.to_thread(os.close, write_fd)
-            write_fd = None
-            await cache.blobs.commit(temp, self.digest)
-            await cache.metadata.add_blob(str(self.digest), self.written, cache.clock())
-            self.verified = True
-            log.info(
-                "cached blob %s (%d bytes) for %s",
-                self.digest,
-                self.written,
-                self.repository,
-            )
-        except BaseException as exc:
-            self.error = _as_domain_error(exc)
-            if isinstance(exc, DigestMismatch | _BodyCut):
-                cache.metrics.verification_failures.labels("blob").inc()
-            log.warning(
-                "download of blob %s for %s failed after %d bytes: %s",
-                self.digest,
-                self.repository,
-                self.written,
-                self.error,
-            )
-            if write_fd is not None:
-                os.close(write_fd)
-            await asyncio.shield(cache.blobs.discard(temp))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            cache.metrics.downloads_in_progress.dec()
-            cache._download_finished(self)
-            self._started.set()
-            self._notify()
-            self.release()
-
-    async def _fetch(self, fd: int, hasher: Hasher) -> None:
-        """One upstream request, from byte `written` on, appended to `fd`.
-
-        Raises _BodyCut if the body ends early (resumable), UpstreamError if
-        upstream refuses, DigestMismatch if the body is longer than declared
-        or upstream changed its size.
-        """
-        cache = self._cache
-        async with cache.upstream.blob(
-            self.repository, str(self.digest), offset=self.written
-        ) as resp:
-            if self.size is None:
-                self.size = resp.size
-            elif resp.size is not None and resp.size != self.size:
-                raise DigestMismatch(
-                    str(self.digest), f"size changed from {self.size} to {resp.size}"
-                )
-            # A 200 to a Range request restarts at 0: skip what we have.
-            await self._copy(resp.content, fd, hasher, skip=self.written - resp.offset)
-        if self.size is not None and self.written < self.size:
-            raise _BodyCut(
-                "upstream blob body cut short",
-                {"received": self.written, "expected": self.size},
-            )
-
-    async def _copy(
-        self, content: aiohttp.StreamReader, fd: int, hasher: Hasher, skip: int
-    ) -> None:
-        """Hash and append the body to `fd`, publishing progress as it goes.
-
-        Raises _BodyCut if reading fails, DigestMismatch if the body runs
-        past the declared size.
-        """
-        metrics = self._cache.metrics.upstream_bytes.labels("blob")
-
-        def append(data: bytes) -> None:
-            # hashlib and os.write release the GIL: this runs in parallel.
-            hasher.update(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-
-        try:
-            while True:
-                data = await content.readany()
-                if not data:
-                    return
-                parts = [data]
-                # Take what else is already buffered, to write in one call.
-                while sum(map(len, parts)) < READ_CHUNK and (
-                    more := content.read_nowait()
-                ):
-                    parts.append(more)
-                batch = b"".join(parts) if len(parts) > 1 else data
-                metrics.inc(len(batch))
-                if skip:
-                    batch, skip = batch[skip:], max(0, skip - len(batch))
-                    if not batch:
-                        continue
-                await asyncio.to_thread(append, batch)
-                self._recent_offset, self._recent = self.written, batch
-                self.written += len(batch)
-                if self.size is not None and self.written > self.size:
-                    raise DigestMismatch(str(self.digest), "body longer than declared")
-                if self._readable() > 0:
-                    self._started.set()
-                self._notify()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _BodyCut(
-                "upstream blob body cut short",
-                {"received": self.written, "error": str(exc) or type(exc).__name__},
-            ) from exc
-
-
-class _BodyCut(UpstreamUnavailable):
-    """Upstream's blob body ended early: worth resuming with a Range."""
-
-
 def _file_size(path: Path) -> int | None:
     try:
         return os.stat(path).st_size
@@ -629,14 +386,3 @@ def _parse_claimed_digest(value: str | None) -> Digest | None:
     with contextlib.suppress(DigestInvalid):
         return parse_digest(value)
     return None
-
-
-def _as_domain_error(exc: BaseException) -> BaseException:
-    """What readers of a failed download are told."""
-    if isinstance(exc, MirrorError | asyncio.CancelledError):
-        return exc
-    if isinstance(exc, OSError):
-        return UpstreamUnavailable(
-            "mirror could not store the blob", {"error": str(exc)}
-        )
-    return exc

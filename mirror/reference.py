@@ -19,7 +19,7 @@ _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 # Algorithms we can verify, with the length of their hex encoding.
-_ALGORITHMS = {"sha256": 64, "sha512": 128}
+DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 MAX_NAME_LENGTH = 255
 
 
@@ -64,7 +64,7 @@ def parse_digest(text: str) -> Digest:
     if not _DIGEST_RE.fullmatch(text):
         raise DigestInvalid("invalid digest", {"digest": text})
     algorithm, _, encoded = text.partition(":")
-    length = _ALGORITHMS.get(algorithm)
+    length = DIGEST_HEX_LENGTHS.get(algorithm)
     if length is None:
         raise DigestInvalid("unsupported digest algorithm", {"digest": text})
     if len(encoded) != length or not re.fullmatch(r"[a-f0-9]+", encoded):

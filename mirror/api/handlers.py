@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.api.errors import API_VERSION_HEADER
+from mirror.download import BlobDownload
 from mirror.errors import MirrorError, NameUnknown, RangeNotSatisfiable, Unsupported
 from mirror.metrics import Metrics
-from mirror.proxy import BlobDownload, CachedBlob, Manifest, PullThroughCache
+from mirror.proxy import CachedBlob, Manifest, PullThroughCache
 from mirror.reference import parse_digest, parse_name, parse_reference
 
 log = logging.getLogger(__name__)
@@ -61,18 +63,22 @@ class RegistryHandlers:
                 headers["Content-Length"] = str(size)
             return web.Response(headers=headers)
 
-        source = await self.cache.blob(name, digest)
-        if isinstance(source, CachedBlob):
-            headers[CACHE_HEADER] = "hit"
-            # FileResponse answers Range (206/416) and uses sendfile.
-            response = web.FileResponse(source.path, headers=headers)
-            self.metrics.served_bytes.labels("cache").inc(source.size)
-            return response
-        try:
-            headers[CACHE_HEADER] = "miss"
-            return await self._stream_download(request, source, headers)
-        finally:
-            source.release()
+        # Pinned for the whole response: eviction leaves it alone meanwhile.
+        with self.cache.pins.pinned(str(digest)):
+            source = await self.cache.blob(name, digest)
+            if isinstance(source, CachedBlob):
+                headers[CACHE_HEADER] = "hit"
+                # FileResponse answers Range (206/416) and uses sendfile; it is
+                # sent here, inside the pin, rather than after we return.
+                response = _SentFileResponse(source.path, headers=headers)
+                await response.prepare(request)
+                self.metrics.served_bytes.labels("cache").inc(source.size)
+                return response
+            try:
+                headers[CACHE_HEADER] = "miss"
+                return await self._stream_download(request, source, headers)
+            finally:
+                source.release()
 
     async def _stream_download(
         self, request: web.Request, download: BlobDownload, headers: dict[str, str]
@@ -187,3 +193,16 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
     if start >= size or start >= stop:
         raise RangeNotSatisfiable(size)
     return start, stop
+
+
+class _SentFileResponse(web.FileResponse):
+    """A FileResponse the handler sends itself (to do it inside a pin).
+
+    aiohttp prepares the returned response again after the handler; the stock
+    FileResponse would reopen the file and try to send it twice.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)

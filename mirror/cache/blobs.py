@@ -20,7 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from mirror.reference import Digest
+from mirror.reference import DIGEST_HEX_LENGTHS, Digest
 
 
 class BlobStore:
@@ -51,6 +51,32 @@ class BlobStore:
             return None
         return stat.st_size
 
+    def scan(self) -> dict[str, int]:
+        """digest -> size of every blob file (blocking: run it in a thread).
+
+        Files whose names are not digests are left alone and not listed.
+        """
+        found: dict[str, int] = {}
+        if not self.blob_dir.is_dir():
+            return found
+        for algorithm_dir in self.blob_dir.iterdir():
+            length = DIGEST_HEX_LENGTHS.get(algorithm_dir.name)
+            if length is None:
+                continue
+            for prefix_dir in algorithm_dir.iterdir():
+                if not prefix_dir.is_dir():
+                    continue
+                for entry in os.scandir(prefix_dir):
+                    name = entry.name
+                    if (
+                        len(name) == length
+                        and name.startswith(prefix_dir.name)
+                        and all(c in "0123456789abcdef" for c in name)
+                        and entry.is_file(follow_symlinks=False)
+                    ):
+                        found[f"{algorithm_dir.name}:{name}"] = entry.stat().st_size
+        return found
+
     def temp_path(self) -> Path:
         return self.tmp_dir / uuid.uuid4().hex
 
@@ -77,8 +103,25 @@ class BlobStore:
         """Remove a temp file if it is still there."""
         await asyncio.to_thread(_unlink_quietly, temp)
 
+    def detach(self, digest: Digest) -> Path | None:
+        """Move a blob out of the store at once; None if it was not there.
+
+        A rename is one metadata operation, done inline on purpose: a reader
+        that found the blob before this call keeps a path that opens, and one
+        that comes after sees a miss — no window in between. The caller
+        discards the returned file, which may be large to unlink.
+        """
+        moved = self.tmp_dir / f"evicted-{uuid.uuid4().hex}"
+        try:
+            os.rename(self.path(digest), moved)
+        except FileNotFoundError:
+            return None
+        return moved
+
     async def delete(self, digest: Digest) -> None:
-        await asyncio.to_thread(_unlink_quietly, self.path(digest))
+        moved = self.detach(digest)
+        if moved is not None:
+            await self.discard(moved)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -13,13 +13,14 @@ written in batches by `flush_access()`, so a cache hit costs no write.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 
-_MIGRATIONS: list[str] = [
-    """
+_SCHEMA_V1 = """
     CREATE TABLE blobs (
         digest      TEXT PRIMARY KEY,
         size        INTEGER NOT NULL,
@@ -50,8 +51,78 @@ _MIGRATIONS: list[str] = [
         checked     REAL NOT NULL,  -- when upstream last confirmed it
         PRIMARY KEY (repository, tag)
     );
-    """,
-]
+    """
+
+_SCHEMA_V2 = """
+    ALTER TABLE tags ADD COLUMN last_access REAL NOT NULL DEFAULT 0;
+    UPDATE tags SET last_access = checked;
+    CREATE TABLE manifest_refs (
+        manifest    TEXT NOT NULL REFERENCES manifests (digest) ON DELETE CASCADE,
+        child       TEXT NOT NULL,
+        kind        TEXT NOT NULL,  -- 'blob' or 'manifest'
+        size        INTEGER NOT NULL,
+        PRIMARY KEY (manifest, child)
+    );
+    CREATE INDEX manifest_refs_child ON manifest_refs (child);
+"""
+
+
+async def _v1(db: aiosqlite.Connection) -> None:
+    await _script(db, _SCHEMA_V1)
+
+
+async def _v2(db: aiosqlite.Connection) -> None:
+    """Tag access times, and what each manifest references (for purge/ls)."""
+    await _script(db, _SCHEMA_V2)
+    async with db.execute("SELECT digest, body FROM manifests") as cur:
+        rows = await cur.fetchall()
+    for digest, body in rows:
+        await _insert_refs(db, digest, bytes(body))
+
+
+async def _script(db: aiosqlite.Connection, script: str) -> None:
+    # executescript would commit; run statements one by one in the open
+    # transaction so a migration step is all or nothing.
+    for statement in script.split(";"):
+        if statement.strip():
+            await db.execute(statement)
+
+
+def manifest_references(body: bytes) -> list[tuple[str, str, int]]:
+    """(digest, kind, size) of what a manifest points at: its config and
+    layers ('blob'), or an index's manifests ('manifest'). Unparseable
+    bodies reference nothing."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(doc, dict):
+        return []
+    refs: list[tuple[str, str, int]] = []
+    groups = (("blob", [doc.get("config")]), ("blob", doc.get("layers")))
+    for kind, items in (*groups, ("manifest", doc.get("manifests"))):
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("digest"), str):
+                size = item.get("size")
+                refs.append(
+                    (item["digest"], kind, size if isinstance(size, int) else 0)
+                )
+    return refs
+
+
+async def _insert_refs(db: aiosqlite.Connection, digest: str, body: bytes) -> None:
+    await db.executemany(
+        "INSERT OR IGNORE INTO manifest_refs (manifest, child, kind, size)"
+        " VALUES (?, ?, ?, ?)",
+        [
+            (digest, child, kind, size)
+            for child, kind, size in manifest_references(body)
+        ],
+    )
+
+
+# _MIGRATIONS[i] takes the database from version i to i + 1.
+_MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -81,6 +152,7 @@ class MetadataStore:
         self._db: aiosqlite.Connection | None = None
         self._blob_access: dict[str, float] = {}
         self._manifest_access: dict[str, float] = {}
+        self._tag_access: dict[tuple[str, str], float] = {}
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -116,10 +188,14 @@ class MetadataStore:
                 f"understands up to {SCHEMA_VERSION}"
             )
         for step in range(version, SCHEMA_VERSION):
-            # executescript commits first, so each step is its own transaction.
-            await self.db.executescript(
-                f"BEGIN; {_MIGRATIONS[step]} PRAGMA user_version = {step + 1}; COMMIT;"
-            )
+            await self.db.execute("BEGIN")
+            try:
+                await _MIGRATIONS[step](self.db)
+                await self.db.execute(f"PRAGMA user_version = {step + 1}")
+            except BaseException:
+                await self.db.rollback()
+                raise
+            await self.db.commit()
 
     async def close(self) -> None:
         """Write pending access times and close the connection."""
@@ -171,6 +247,7 @@ class MetadataStore:
             " VALUES (?, ?)",
             (repository, digest),
         )
+        await _insert_refs(self.db, digest, body)
         await self.db.commit()
 
     def touch_manifest(self, digest: str, now: float) -> None:
@@ -199,24 +276,34 @@ class MetadataStore:
         """Record that upstream says `tag` is `digest` as of `now`."""
         await self.db.execute(
             "INSERT INTO tags (repository, tag, digest, media_type, size, fetched,"
-            " checked) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " checked, last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (repository, tag) DO UPDATE SET"
             " fetched = CASE WHEN digest = excluded.digest THEN fetched"
             "           ELSE excluded.fetched END,"
             " digest = excluded.digest, media_type = excluded.media_type,"
-            " size = excluded.size, checked = excluded.checked",
-            (repository, tag, digest, media_type, size, now, now),
+            " size = excluded.size, checked = excluded.checked,"
+            " last_access = excluded.last_access",
+            (repository, tag, digest, media_type, size, now, now, now),
         )
         await self.db.commit()
+
+    def touch_tag(self, repository: str, tag: str, now: float) -> None:
+        self._tag_access[(repository, tag)] = now
 
     # --- access times ---------------------------------------------------------
 
     async def flush_access(self) -> None:
         """Write the access times noted since the last flush, in one commit."""
-        if not self._blob_access and not self._manifest_access:
+        if not (self._blob_access or self._manifest_access or self._tag_access):
             return
         blobs, self._blob_access = self._blob_access, {}
         manifests, self._manifest_access = self._manifest_access, {}
+        tags, self._tag_access = self._tag_access, {}
+        await self.db.executemany(
+            "UPDATE tags SET last_access = max(last_access, ?)"
+            " WHERE repository = ? AND tag = ?",
+            [(t, repo, tag) for (repo, tag), t in tags.items()],
+        )
         await self.db.executemany(
             "UPDATE blobs SET last_access = max(last_access, ?) WHERE digest = ?",
             [(t, d) for d, t in blobs.items()],
@@ -224,5 +311,39 @@ class MetadataStore:
         await self.db.executemany(
             "UPDATE manifests SET last_access = max(last_access, ?) WHERE digest = ?",
             [(t, d) for d, t in manifests.items()],
+        )
+        await self.db.commit()
+
+    # --- eviction and reconciliation -------------------------------------------
+
+    async def blob_totals(self) -> tuple[int, int]:
+        """(number of blobs, their total size in bytes)."""
+        async with self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
+        ) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def least_recently_used(self, limit: int) -> list[tuple[str, int]]:
+        """(digest, size) of the `limit` blobs accessed longest ago."""
+        await self.flush_access()
+        async with self.db.execute(
+            "SELECT digest, size FROM blobs ORDER BY last_access, digest LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [(str(d), int(n)) for d, n in await cur.fetchall()]
+
+    async def all_blobs(self) -> dict[str, int]:
+        """digest -> size of every blob row."""
+        async with self.db.execute("SELECT digest, size FROM blobs") as cur:
+            return {str(d): int(n) for d, n in await cur.fetchall()}
+
+    async def delete_blobs(self, digests: list[str]) -> None:
+        gone = set(digests)
+        self._blob_access = {
+            d: t for d, t in self._blob_access.items() if d not in gone
+        }
+        await self.db.executemany(
+            "DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests]
         )
         await self.db.commit()

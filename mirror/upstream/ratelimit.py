@@ -61,7 +61,7 @@ class RateLimit:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
-        self._warn_below = warn_below
+        self.warn_below = warn_below
         self._clock = clock
         self.budget = Budget(None, None, None, None)
         self._throttled_until = 0.0
@@ -85,7 +85,7 @@ class RateLimit:
         if self.budget.remaining is None:
             return
         self._metrics.ratelimit_remaining.set(self.budget.remaining)
-        low = self.budget.remaining < self._warn_below
+        low = self.budget.remaining < self.warn_below
         if low and not self._warned:
             log.warning(
                 "upstream pull budget low: %d of %s left (window %ss, counted as %s)",

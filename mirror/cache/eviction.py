@@ -1,0 +1,197 @@
+"""Evictor: keeps the blob store within its size budget and the disk's floor.
+
+Least recently used first. A pass starts when the store is over
+`max_size`, or the disk has less than `min_free` free; it removes blobs until
+the store is at `low_watermark * max_size` and the floor is restored, so that
+eviction runs in batches rather than one blob per download. Pinned blobs —
+being sent to a client right now — are skipped; a blob being downloaded is
+not in the store yet, so it cannot be chosen.
+
+A blob is removed file first, then row: a crash in between leaves a row
+without a file, which start-up reconciliation drops cheaply (a file without
+a row would have to be re-hashed). Manifests and tags are left alone: a pull
+of an image whose layers were evicted fetches them again.
+
+The limits are plain attributes so a config reload can change them live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from mirror.cache.blobs import BlobStore
+from mirror.cache.metadata import MetadataStore
+from mirror.metrics import Metrics
+from mirror.reference import parse_digest
+
+log = logging.getLogger(__name__)
+
+# Candidates read from the database per round of a pass.
+BATCH = 256
+
+
+class PinSet:
+    """Digests in use by readers; the evictor does not remove them."""
+
+    def __init__(self) -> None:
+        self._pins: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def pinned(self, digest: str) -> Iterator[None]:
+        self._pins[digest] += 1
+        try:
+            yield
+        finally:
+            self._pins[digest] -= 1
+            if self._pins[digest] <= 0:
+                del self._pins[digest]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._pins
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    evicted: int
+    freed: int
+    size_after: int
+
+
+class Evictor:
+    """Size-bounded LRU over BlobStore + MetadataStore. No I/O in __init__."""
+
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        blobs: BlobStore,
+        metrics: Metrics,
+        pins: PinSet,
+        *,
+        max_size: int,
+        min_free: int,
+        low_watermark: float,
+        interval: float,
+    ) -> None:
+        self.metadata = metadata
+        self.blobs = blobs
+        self.metrics = metrics
+        self.pins = pins
+        self.max_size = max_size
+        self.min_free = min_free
+        self.low_watermark = low_watermark
+        self.interval = interval
+        self._wakeup = asyncio.Event()
+        self._size = 0  # bytes in the store, as of the last pass or addition
+        self._lock = asyncio.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def load(self) -> None:
+        """Read the store's size (start-up, and after outside changes)."""
+        count, size = await self.metadata.blob_totals()
+        self._set_size(count, size)
+
+    def added(self, size: int) -> None:
+        """A blob of `size` bytes entered the store; wake up if over budget."""
+        self._size += size
+        self.metrics.cache_size.set(self._size)
+        self.metrics.cache_blobs.inc()
+        if self._size > self.max_size:
+            self._wakeup.set()
+
+    def trigger(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """The worker: a pass every `interval`, or sooner when woken."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                await self.evict()
+            except Exception:
+                log.exception("eviction pass failed; will retry")
+
+    async def evict(self) -> PassResult:
+        """One pass: bring the store within budget. Returns what it did."""
+        async with self._lock:
+            await self.load()  # the CLI may have changed the store meanwhile
+            target = self._size
+            if self._size > self.max_size:
+                target = int(self.max_size * self.low_watermark)
+            free = await self._free_bytes()
+            need_free = max(0, self.min_free - free)
+            if self._size <= target and need_free == 0:
+                return PassResult(0, 0, self._size)
+            evicted, freed = 0, 0
+            skipped: set[str] = set()
+            while self._size - freed > target or freed < need_free:
+                batch = [
+                    (d, n)
+                    for d, n in await self.metadata.least_recently_used(
+                        BATCH + len(skipped)
+                    )
+                    if d not in skipped
+                ]
+                if not batch:
+                    break
+                victims: list[str] = []
+                for digest, size in batch:
+                    if digest in self.pins:
+                        skipped.add(digest)
+                        continue
+                    victims.append(digest)
+                    freed += size
+                    evicted += 1
+                    if self._size - freed <= target and freed >= need_free:
+                        break
+                if not victims:
+                    break  # everything left is in use
+                await self._remove(victims)
+            self.metrics.evictions.inc(evicted)
+            self.metrics.evicted_bytes.inc(freed)
+            await self.load()
+            if evicted:
+                log.info(
+                    "evicted %d blobs (%d bytes); cache now %d of %d bytes",
+                    evicted,
+                    freed,
+                    self._size,
+                    self.max_size,
+                )
+            if self._size > self.max_size:
+                log.warning(
+                    "cache still over budget (%d > %d bytes): the rest is in use",
+                    self._size,
+                    self.max_size,
+                )
+            return PassResult(evicted, freed, self._size)
+
+    async def _remove(self, digests: list[str]) -> None:
+        # Detach all first, in one event-loop step with the pin checks made
+        # by the caller, then pay for the unlinks.
+        moved = [self.blobs.detach(parse_digest(d)) for d in digests]
+        await self.metadata.delete_blobs(digests)
+        for path in moved:
+            if path is not None:
+                await self.blobs.discard(path)
+
+    async def _free_bytes(self) -> int:
+        usage = await asyncio.to_thread(shutil.disk_usage, self.blobs.root)
+        return usage.free
+
+    def _set_size(self, count: int, size: int) -> None:
+        self._size = size
+        self.metrics.cache_size.set(size)
+        self.metrics.cache_blobs.set(count)
+        self.metrics.cache_max_size.set(self.max_size)
