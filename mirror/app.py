@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CACHE = web.AppKey("cache", PullThroughCache)
 METRICS = web.AppKey("metrics", Metrics)
+EVICTOR = web.AppKey("evictor", Evictor)
 RELOAD: web.AppKey[Callable[[Config], list[str]]] = web.AppKey("reload")
 # Keys a SIGHUP applies without a restart.
 RELOADABLE_KEYS = frozenset(
@@ -98,6 +99,7 @@ def create_app(
     app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware])
     app[CACHE] = cache
     app[METRICS] = metrics
+    app[EVICTOR] = evictor
     add_routes(app, handlers)
     current = config
 

@@ -1,0 +1,151 @@
+"""The size budget through the real HTTP path, with real files."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from mirror.app import CACHE, EVICTOR
+from tests.conftest import Mirror, MirrorFactory
+from tests.fakes.registry import FakeRegistry, sha256
+
+KiB = 1024
+
+
+def blob(n: int, size: int) -> bytes:
+    return hashlib.sha256(str(n).encode()).digest() * (size // 32)
+
+
+def store_bytes(mirror: Mirror) -> int:
+    return sum(p.stat().st_size for p in mirror.config.cache.dir.glob("blobs/*/*/*"))
+
+
+async def get(mirror: Mirror, digest: str) -> bytes:
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert resp.status == 200
+    return await resp.read()
+
+
+async def metric(mirror: Mirror, name: str) -> float:
+    text = await (await mirror.client.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name)
+
+
+async def test_pulling_past_the_budget_evicts_least_recently_used(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    digests = [upstream.add_blob(blob(i, 200 * KiB)) for i in range(8)]
+    mirror = await make_mirror(
+        upstream, cache_max_size="1MiB", cache_low_watermark="80%"
+    )
+    evictor = mirror.client.app[EVICTOR]
+    for i, digest in enumerate(digests):  # 1.6 MiB in all
+        mirror.clock.advance(1)
+        assert sha256(await get(mirror, digest)) == digest
+        if i == 2:  # the oldest blob is used again: now recently used
+            mirror.clock.advance(1)
+            await get(mirror, digests[0])
+        await evictor.evict()
+        assert store_bytes(mirror) <= 1024 * KiB
+
+    assert store_bytes(mirror) <= 1024 * KiB
+    assert await metric(mirror, "mirror_evictions_total") > 0
+    assert await metric(mirror, "mirror_cache_size_bytes") == store_bytes(mirror)
+    # The newest blob survived; the oldest untouched one was evicted and
+    # pulls again from upstream.
+    before = upstream.count("blob", "GET")
+    assert sha256(await get(mirror, digests[-1])) == digests[-1]
+    assert upstream.count("blob", "GET") == before
+    assert sha256(await get(mirror, digests[1])) == digests[1]
+    assert upstream.count("blob", "GET") == before + 1
+
+
+async def test_recently_used_blob_survives_eviction(make_mirror: MirrorFactory) -> None:
+    upstream = FakeRegistry()
+    digests = [upstream.add_blob(blob(10 + i, 300 * KiB)) for i in range(3)]
+    mirror = await make_mirror(upstream, cache_max_size="700KiB")
+    evictor = mirror.client.app[EVICTOR]
+    for digest in digests[:2]:
+        mirror.clock.advance(10)
+        await get(mirror, digest)
+    mirror.clock.advance(10)
+    await get(mirror, digests[0])  # touch the first again
+    mirror.clock.advance(10)
+    await get(mirror, digests[2])
+    await evictor.evict()
+    cached = {p.name for p in mirror.config.cache.dir.glob("blobs/*/*/*")}
+    assert digests[0][7:] in cached
+    assert digests[2][7:] in cached
+    assert digests[1][7:] not in cached
+
+
+async def test_blob_being_served_is_not_evicted(make_mirror: MirrorFactory) -> None:
+    upstream = FakeRegistry()
+    big = blob(20, 16 * 1024 * KiB)
+    digest = upstream.add_blob(big)
+    mirror = await make_mirror(upstream, cache_max_size="20MiB")
+    await get(mirror, digest)  # cached now
+    evictor = mirror.client.app[EVICTOR]
+    evictor.max_size = 1024  # the budget shrinks while a client is reading
+
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    first = await resp.content.read(64 * KiB)  # the response is in flight
+    result = await evictor.evict()
+    assert result.evicted == 0
+    rest = await resp.read()
+    assert sha256(first + rest) == digest
+    # Once the response is done, the blob is fair game.
+    pins = mirror.client.app[CACHE].pins
+    for _ in range(100):
+        if digest not in pins:
+            break
+        await asyncio.sleep(0.01)
+    assert (await evictor.evict()).evicted == 1
+    assert store_bytes(mirror) == 0
+
+
+async def test_blob_larger_than_the_budget_streams_through_uncached(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    data = blob(30, 12 * 1024 * KiB)  # beyond the 8 MiB memory window
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream, cache_max_size="1MiB")
+    for _ in range(2):
+        resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+        assert resp.status == 200
+        received = b""
+        while chunk := await resp.content.read(256 * KiB):
+            received += chunk
+            await asyncio.sleep(0)  # a reader slower than upstream
+        assert sha256(received) == digest
+    assert upstream.count("blob", "GET") == 2
+    assert store_bytes(mirror) == 0
+    assert not any(mirror.config.cache.dir.glob("tmp/*"))
+    too_large = 'mirror_uncached_downloads_total{reason="too_large"}'
+    assert await metric(mirror, too_large) == 2
+
+
+async def test_evicted_blob_of_a_cached_manifest_is_fetched_again(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    image = upstream.push_image("library/app", "1", [blob(40, 400 * KiB)])
+    mirror = await make_mirror(upstream, cache_max_size="1MiB")
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+    manifest = await resp.read()
+    for digest in image.blobs:
+        await get(mirror, digest)
+    evictor = mirror.client.app[EVICTOR]
+    evictor.max_size = 1
+    await evictor.evict()
+    evictor.max_size = 1024 * KiB
+    assert store_bytes(mirror) == 0
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+    assert await resp.read() == manifest
+    for digest in image.blobs:
+        assert sha256(await get(mirror, digest)) == digest
