@@ -29,6 +29,7 @@ import collections
 import errno
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -236,9 +237,7 @@ class BlobDownload:
             await asyncio.to_thread(os.close, write_fd)
             write_fd = None
             if self.cached:
-                await ctx.blobs.commit(temp, self.digest)
-                await ctx.metadata.add_blob(str(self.digest), self.written, ctx.clock())
-                ctx.evictor.added(self.written)
+                await self._commit(temp)
             self.verified = True
             log.info(
                 "%s blob %s (%d bytes) for %s",
@@ -269,6 +268,29 @@ class BlobDownload:
             self._started.set()
             self._notify()
             self.release()
+
+    async def _commit(self, temp: Path) -> None:
+        """Move the verified file into the store and record it.
+
+        A full disk or database here costs the cache entry, not the clients:
+        the bytes are verified and are served either way.
+        """
+        ctx = self._ctx
+        try:
+            await ctx.blobs.commit(temp, self.digest)
+            try:
+                await ctx.metadata.add_blob(str(self.digest), self.written, ctx.clock())
+            except sqlite3.Error:
+                await ctx.blobs.delete(self.digest)  # no file without a row
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            self.cached = False
+            await ctx.blobs.discard(temp)
+            reason = "disk_full" if _is_disk_full(exc) else "store_error"
+            ctx.metrics.uncached_downloads.labels(reason).inc()
+            log.error("could not cache blob %s: %s", self.digest, exc)
+            return
+        ctx.evictor.added(self.written)
 
     async def _fetch_resuming(self, fd: int, hasher: Hasher, temp: Path) -> None:
         resumes = 0
@@ -369,7 +391,7 @@ class BlobDownload:
                 await asyncio.to_thread(_hash_and_write, hasher, fd, batch)
                 return
             except OSError as exc:
-                if exc.errno not in _DISK_FULL:
+                if not _is_disk_full(exc):
                     raise
                 # The batch is hashed; how much of it reached the disk is
                 # unknown, so it is kept in memory from its first byte.
@@ -407,6 +429,12 @@ class BlobDownload:
         self._on_detach(self)  # new readers start their own download
         # Free the disk now; readers keep reading the prefix through the fd.
         await self._ctx.blobs.discard(temp)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return "full" in str(exc)  # sqlite3: "database or disk is full"
 
 
 def _end(batch: tuple[int, bytes]) -> int:

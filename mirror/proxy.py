@@ -55,6 +55,8 @@ from mirror.upstream.client import (
 log = logging.getLogger(__name__)
 
 # Upper bound of one read from a download's temp file for one client.
+# Tag records kept in memory.
+TAG_MEMORY = 65536
 # Bytes of manifests kept in memory for hot tags and digests.
 MANIFEST_MEMORY = 64 * 1024 * 1024
 
@@ -127,6 +129,8 @@ class PullThroughCache:
         self._manifests: LRUCache[str, Manifest] = LRUCache(
             maxsize=MANIFEST_MEMORY, getsizeof=lambda m: m.size or 1
         )
+        # Tag records, so a hot tag costs no database read.
+        self._tags: LRUCache[tuple[str, str], TagRecord] = LRUCache(maxsize=TAG_MEMORY)
         self._manifest_fetches: SingleFlight[str, Manifest] = SingleFlight()
         self._tag_checks: SingleFlight[tuple[str, str], TagRecord] = SingleFlight()
         # Downloads new readers may join, and every download still running.
@@ -231,11 +235,20 @@ class PullThroughCache:
         Raises ManifestUnknown, DigestMismatch, UpstreamError (the last only
         when nothing is cached for the tag).
         """
-        record = await self.metadata.get_tag(repository, tag)
-        if record is not None and self.clock() - record.checked < self.tag_ttl:
-            self.metrics.cache_requests.labels("tag", "hit").inc()
-            return record, False
         key = (repository, tag)
+        record = self._tags.get(key)
+        if record is None:
+            record = await self.metadata.get_tag(repository, tag)
+            # A revalidation may have finished while we read: prefer its answer
+            # to our snapshot, or we would revalidate again right behind it.
+            record = self._tags.get(key) or record
+            if record is not None:
+                self._tags[key] = record
+        now = self.clock()
+        if record is not None and now - record.checked < self.tag_ttl:
+            self.metrics.cache_requests.labels("tag", "hit").inc()
+            self.metadata.touch_tag(repository, tag, now)
+            return record, False
         result = "joined" if self._tag_checks.in_flight(key) else "miss"
         try:
             fresh = await self._tag_checks.do(
@@ -286,9 +299,11 @@ class PullThroughCache:
         if known is not None and known.digest != digest:
             log.info("tag %s:%s moved %s -> %s", repository, tag, known.digest, digest)
         fetched = known.fetched if known and known.digest == digest else now
-        return TagRecord(
+        record = TagRecord(
             repository, tag, digest, info.media_type, info.size, fetched, now
         )
+        self._tags[(repository, tag)] = record
+        return record
 
     # --- blobs ----------------------------------------------------------------
 
