@@ -24,6 +24,9 @@ from urllib.parse import urlsplit
 
 DOCKER_HUB = "https://registry-1.docker.io"
 ENV_PREFIX = "MIRROR_"
+# What Kubernetes injects for a Service named "mirror" (MIRROR_SERVICE_HOST,
+# MIRROR_PORT_5000_TCP_ADDR, ...): not ours, and no config key looks like it.
+_KUBERNETES_SERVICE_VARIABLE = re.compile(r"^MIRROR_(SERVICE_[A-Z0-9_]+|PORT(_.*)?)$")
 
 
 class ConfigError(Exception):
@@ -339,7 +342,11 @@ def load_config(
         for f in dataclasses.fields(cls):
             known_env[env_name(section, f.name)] = (section, f.name)
     for name in environ:
-        if name.startswith(ENV_PREFIX) and name not in known_env:
+        if (
+            name.startswith(ENV_PREFIX)
+            and name not in known_env
+            and not _KUBERNETES_SERVICE_VARIABLE.match(name)
+        ):
             raise ConfigError(f"unknown environment variable {name}")
 
     sections: dict[str, Any] = {}

@@ -399,3 +399,14 @@ def test_explicit_cache_dir_beats_default(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     config = load_config(None, {"MIRROR_CACHE_DIR": "/elsewhere"})
     assert config.cache.dir == Path("/elsewhere")
+
+
+def test_kubernetes_service_variables_are_not_config_errors() -> None:
+    injected = {
+        "MIRROR_SERVICE_HOST": "10.0.0.7",
+        "MIRROR_SERVICE_PORT": "5000",
+        "MIRROR_SERVICE_PORT_HTTP": "5000",
+        "MIRROR_PORT": "tcp://10.0.0.7:5000",
+        "MIRROR_PORT_5000_TCP_ADDR": "10.0.0.7",
+    }
+    assert load_config(None, injected) == load_config(None, {})
