@@ -25,7 +25,7 @@ from mirror.api.routes import add_routes, metrics_middleware
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.integrity import reconcile
-from mirror.cache.metadata import MetadataStore
+from mirror.cache.metadata import DATABASE_NAME, MetadataStore
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.proxy import PullThroughCache
@@ -52,7 +52,6 @@ RELOADABLE_KEYS = frozenset(
 )
 # How often batched last-access times are written to SQLite.
 ACCESS_FLUSH_INTERVAL = 10.0
-DATABASE_NAME = "mirror.db"
 
 
 def create_app(
@@ -92,6 +91,7 @@ def create_app(
         tag_ttl=config.cache.tag_ttl,
         max_stale=config.cache.max_stale,
         resume_attempts=config.upstream.resume_attempts,
+        reader_timeout=config.upstream.read_timeout,
         clock=clock,
     )
     handlers = RegistryHandlers(cache, metrics)

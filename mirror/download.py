@@ -75,6 +75,9 @@ class DownloadContext:
     evictor: Evictor
     resume_attempts: int
     clock: Callable[[], float] = time.time
+    # How long an uncached download waits for its slowest reader before
+    # dropping it, so one stalled client cannot stall the others.
+    reader_timeout: float = 60.0
 
 
 class BlobDownload:
@@ -108,6 +111,7 @@ class BlobDownload:
         self._memory: collections.deque[tuple[int, bytes]] = collections.deque()
         self._memory_bytes = 0
         self._readers: dict[int, int] = {}  # reader id -> its next offset
+        self._dropped: set[int] = set()  # readers too slow to wait for
         # The newest batch, so readers that are caught up need no pread.
         self._recent_offset = 0
         self._recent = b""
@@ -174,6 +178,8 @@ class BlobDownload:
         self._signal_consumed()  # a reader arrived: _hold() may trim now
         try:
             while True:
+                if reader in self._dropped:
+                    raise UpstreamUnavailable("client too slow for an uncached blob")
                 limit = self._readable() if end is None else min(end, self._readable())
                 if offset < limit:
                     data = await self._read(offset, min(limit - offset, READ_CHUNK))
@@ -189,7 +195,8 @@ class BlobDownload:
                     raise self.error
                 await self._changed.wait()
         finally:
-            del self._readers[reader]
+            self._readers.pop(reader, None)
+            self._dropped.discard(reader)
             self._signal_consumed()
 
     def _signal_consumed(self) -> None:
@@ -248,6 +255,8 @@ class BlobDownload:
             )
         except BaseException as exc:
             self.error = _as_domain_error(exc)
+            # From now on a new request must start afresh, not join a failure.
+            self._on_detach(self)
             if isinstance(exc, DigestMismatch | _BodyCut):
                 ctx.metrics.verification_failures.labels("blob").inc()
             log.warning(
@@ -405,14 +414,31 @@ class BlobDownload:
         self._memory.append((self.written, batch))
         self._memory_bytes += len(batch)
         while self._memory_bytes > MEMORY_WINDOW:
-            if not self._readers and self._refs <= 1:
-                raise UpstreamUnavailable("every client left an uncached download")
+            if not self._readers and (self._refs <= 1 or self._dropped):
+                raise UpstreamUnavailable("no client is reading an uncached download")
             slowest = min(self._readers.values(), default=0)
             while self._memory and _end(self._memory[0]) <= slowest:
                 _, dropped = self._memory.popleft()
                 self._memory_bytes -= len(dropped)
             if self._memory_bytes > MEMORY_WINDOW:
-                await self._consumed.wait()
+                try:
+                    async with asyncio.timeout(self._ctx.reader_timeout):
+                        await self._consumed.wait()
+                except TimeoutError:
+                    self._drop_readers_at(slowest)
+
+    def _drop_readers_at(self, offset: int) -> None:
+        """Give up on the readers stuck at `offset`; the others go on."""
+        stuck = [r for r, at in self._readers.items() if at == offset]
+        for reader in stuck:
+            del self._readers[reader]
+            self._dropped.add(reader)
+        log.warning(
+            "dropped %d client(s) stalled at byte %d of uncached blob %s",
+            len(stuck),
+            offset,
+            self.digest,
+        )
 
     async def _go_uncached(self, reason: str, temp: Path) -> None:
         """Stop caching: bytes from `written` on stay in memory only."""

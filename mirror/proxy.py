@@ -113,6 +113,7 @@ class PullThroughCache:
         tag_ttl: float,
         max_stale: float | None = None,
         resume_attempts: int = 3,
+        reader_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metadata = metadata
@@ -124,7 +125,14 @@ class PullThroughCache:
         self.max_stale = max_stale
         self.clock = clock
         self._download_context = DownloadContext(
-            upstream, blobs, metadata, metrics, evictor, resume_attempts, clock
+            upstream,
+            blobs,
+            metadata,
+            metrics,
+            evictor,
+            resume_attempts,
+            clock,
+            reader_timeout,
         )
         self._manifests: LRUCache[str, Manifest] = LRUCache(
             maxsize=MANIFEST_MEMORY, getsizeof=lambda m: m.size or 1

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mirror.cache.blobs import BlobStore
@@ -40,12 +40,14 @@ class IntegrityReport:
     checked: int = 0
     rows_dropped: int = 0
     adopted: int = 0
-    removed: int = 0  # files that did not match their digest
+    # Digests of files that did not match and were removed.
+    removed: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (
             f"{self.checked} checked, {self.rows_dropped} rows without a file "
-            f"dropped, {self.adopted} files adopted, {self.removed} bad files removed"
+            f"dropped, {self.adopted} files adopted, "
+            f"{len(self.removed)} bad files removed"
         )
 
 
@@ -58,11 +60,13 @@ def file_digest(path: Path, algorithm: str) -> str:
     return hasher.hexdigest()
 
 
-async def _matches(path: Path, digest: Digest) -> bool:
+async def _matches(path: Path, digest: Digest) -> bool | None:
+    """Whether the file hashes to its digest; None if it is gone (evicted
+    or purged meanwhile, which is not corruption)."""
     try:
         actual = await asyncio.to_thread(file_digest, path, digest.algorithm)
     except FileNotFoundError:
-        return False
+        return None
     return actual == digest.hex
 
 
@@ -83,13 +87,14 @@ async def reconcile(
             continue
         digest = Digest(*key.split(":", 1))
         report.checked += 1
-        if await _matches(blobs.path(digest), digest):
+        matches = await _matches(blobs.path(digest), digest)
+        if matches:
             await metadata.add_blob(key, size, now)
             report.adopted += 1
-        else:
+        elif matches is False:
             await blobs.delete(digest)
             await metadata.delete_blobs([key])
-            report.removed += 1
+            report.removed.append(key)
     if report.rows_dropped or report.adopted or report.removed:
         log.warning("reconciled the cache with its database: %s", report)
     return report
@@ -112,11 +117,11 @@ async def verify(
     for index, (key, size) in enumerate(sorted(files.items()), start=1):
         digest = Digest(*key.split(":", 1))
         report.checked += 1
-        if not await _matches(blobs.path(digest), digest):
+        if await _matches(blobs.path(digest), digest) is False:
             log.error("blob %s does not match its digest; removed", key)
             await blobs.delete(digest)
             await metadata.delete_blobs([key])
-            report.removed += 1
+            report.removed.append(key)
         done_bytes += size
         if progress is not None:
             progress(index, len(files), done_bytes, total_bytes)

@@ -13,10 +13,12 @@ written in batches by `flush_access()`, so a cache hit costs no write.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -124,6 +126,8 @@ async def _insert_refs(db: aiosqlite.Connection, digest: str, body: bytes) -> No
 # _MIGRATIONS[i] takes the database from version i to i + 1.
 _MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2]
 SCHEMA_VERSION = len(_MIGRATIONS)
+# The database's file name inside cache.dir.
+DATABASE_NAME = "mirror.db"
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,3 +351,459 @@ class MetadataStore:
             "DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests]
         )
         await self.db.commit()
+
+    # --- operator queries: mirror status, ls, purge ----------------------------
+    #
+    # Reads that take several statements run in one read transaction (a WAL
+    # snapshot), so a daemon writing meanwhile cannot make them disagree.
+    # Purges run in one write transaction (BEGIN IMMEDIATE): the daemon's
+    # writes wait for it (busy_timeout), so nothing can start referencing a
+    # blob between the decision to remove it and the removal.
+
+    async def cache_stats(self) -> CacheStats:
+        """Counts, sizes and the blob access range, as one snapshot."""
+        await self.flush_access()
+        async with self._snapshot():
+            async with self.db.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(last_access),"
+                " max(last_access) FROM blobs"
+            ) as cur:
+                blob_row = await cur.fetchone()
+            async with self.db.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM manifests"
+            ) as cur:
+                manifest_row = await cur.fetchone()
+            async with self.db.execute("SELECT count(*) FROM tags") as cur:
+                tag_row = await cur.fetchone()
+            async with self.db.execute(
+                "SELECT count(*) FROM (SELECT repository FROM tags"
+                " UNION SELECT repository FROM repository_manifests)"
+            ) as cur:
+                repo_row = await cur.fetchone()
+        if not (blob_row and manifest_row and tag_row and repo_row):
+            raise RuntimeError("an aggregate query returned no row")
+        return CacheStats(
+            blobs=int(blob_row[0]),
+            blob_bytes=int(blob_row[1]),
+            oldest_access=None if blob_row[2] is None else float(blob_row[2]),
+            newest_access=None if blob_row[3] is None else float(blob_row[3]),
+            manifests=int(manifest_row[0]),
+            manifest_bytes=int(manifest_row[1]),
+            tags=int(tag_row[0]),
+            repositories=int(repo_row[0]),
+        )
+
+    async def repositories(self) -> list[RepositorySummary]:
+        """Every repository with a tag or a manifest in the cache, by name.
+
+        `size` adds up the distinct blobs its manifests reference (following
+        indexes to the child manifests that are cached); `cached` the part
+        of that which is in the store. `last_pulled` is the latest access of
+        its tags or manifests.
+        """
+        await self.flush_access()
+        async with self._snapshot():
+            async with self.db.execute(
+                "WITH RECURSIVE"
+                " roots(repository, digest) AS ("
+                "   SELECT repository, digest FROM tags"
+                "   UNION SELECT repository, digest FROM repository_manifests),"
+                " reach(repository, digest) AS ("
+                "   SELECT repository, digest FROM roots"
+                "   UNION SELECT reach.repository, r.child"
+                "   FROM manifest_refs r JOIN reach ON r.manifest = reach.digest"
+                "   WHERE r.kind = 'manifest'),"
+                " refs(repository, digest, size) AS ("
+                "   SELECT reach.repository, r.child, max(r.size)"
+                "   FROM reach JOIN manifest_refs r ON r.manifest = reach.digest"
+                "   WHERE r.kind = 'blob' GROUP BY reach.repository, r.child)"
+                " SELECT refs.repository, sum(refs.size),"
+                "  coalesce(sum(b.size), 0), count(*), count(b.digest)"
+                " FROM refs LEFT JOIN blobs b ON b.digest = refs.digest"
+                " GROUP BY refs.repository"
+            ) as cur:
+                sizes = {
+                    str(r[0]): tuple(map(int, r[1:])) for r in await cur.fetchall()
+                }
+            async with self.db.execute(
+                "SELECT repository, count(*), max(last_access) FROM tags"
+                " GROUP BY repository"
+            ) as cur:
+                tags = {
+                    str(r[0]): (int(r[1]), float(r[2])) for r in await cur.fetchall()
+                }
+            async with self.db.execute(
+                "SELECT rm.repository, count(*), max(m.last_access)"
+                " FROM repository_manifests rm JOIN manifests m ON m.digest = rm.digest"
+                " GROUP BY rm.repository"
+            ) as cur:
+                links = {
+                    str(r[0]): (int(r[1]), float(r[2])) for r in await cur.fetchall()
+                }
+        summaries = []
+        for name in sorted({*tags, *links}):
+            tag_count, tag_access = tags.get(name, (0, 0.0))
+            manifest_count, manifest_access = links.get(name, (0, 0.0))
+            size, cached, blobs, cached_blobs = sizes.get(name, (0, 0, 0, 0))
+            summaries.append(
+                RepositorySummary(
+                    repository=name,
+                    tags=tag_count,
+                    manifests=manifest_count,
+                    size=size,
+                    cached=cached,
+                    blobs=blobs,
+                    cached_blobs=cached_blobs,
+                    last_pulled=max(tag_access, manifest_access) or None,
+                )
+            )
+        return summaries
+
+    async def repository_tags(self, repository: str) -> list[TagSummary]:
+        """The tags of `repository`, by name, with their image sizes.
+
+        `size` adds up the distinct blobs of the tag's manifest and, for an
+        index, of its child manifests that are cached (`platforms` says how
+        many of how many); `cached` the part of that which is in the store.
+        `manifest_cached` is false when only the tag's digest is known (a
+        HEAD resolved it and no GET followed yet).
+        """
+        await self.flush_access()
+        async with self._snapshot():
+            async with self.db.execute(
+                "SELECT t.tag, t.digest, t.media_type, t.fetched, t.checked,"
+                " t.last_access, m.digest IS NOT NULL"
+                " FROM tags t LEFT JOIN manifests m ON m.digest = t.digest"
+                " WHERE t.repository = ? ORDER BY t.tag",
+                (repository,),
+            ) as cur:
+                rows = await cur.fetchall()
+            async with self.db.execute(
+                "WITH RECURSIVE"
+                " roots(repository, digest) AS ("
+                "   SELECT tag, digest FROM tags WHERE repository = ?),"
+                " reach(repository, digest) AS ("
+                "   SELECT repository, digest FROM roots"
+                "   UNION SELECT reach.repository, r.child"
+                "   FROM manifest_refs r JOIN reach ON r.manifest = reach.digest"
+                "   WHERE r.kind = 'manifest'),"
+                " refs(tag, digest, size) AS ("
+                "   SELECT reach.repository, r.child, max(r.size)"
+                "   FROM reach JOIN manifest_refs r ON r.manifest = reach.digest"
+                "   WHERE r.kind = 'blob' GROUP BY reach.repository, r.child)"
+                " SELECT refs.tag, sum(refs.size), coalesce(sum(b.size), 0),"
+                "  count(*), count(b.digest)"
+                " FROM refs LEFT JOIN blobs b ON b.digest = refs.digest"
+                " GROUP BY refs.tag",
+                (repository,),
+            ) as cur:
+                sizes = {
+                    str(r[0]): tuple(map(int, r[1:])) for r in await cur.fetchall()
+                }
+            async with self.db.execute(
+                "SELECT t.tag, count(*), count(m.digest)"
+                " FROM tags t JOIN manifest_refs r"
+                "  ON r.manifest = t.digest AND r.kind = 'manifest'"
+                " LEFT JOIN manifests m ON m.digest = r.child"
+                " WHERE t.repository = ? GROUP BY t.tag",
+                (repository,),
+            ) as cur:
+                platforms = {
+                    str(r[0]): (int(r[2]), int(r[1])) for r in await cur.fetchall()
+                }
+        summaries = []
+        for tag, digest, media_type, fetched, checked, last_access, known in rows:
+            size, cached, blobs, cached_blobs = sizes.get(tag, (0, 0, 0, 0))
+            summaries.append(
+                TagSummary(
+                    repository=repository,
+                    tag=str(tag),
+                    digest=str(digest),
+                    media_type=str(media_type),
+                    manifest_cached=bool(known),
+                    platforms=platforms.get(tag),
+                    size=size,
+                    cached=cached,
+                    blobs=blobs,
+                    cached_blobs=cached_blobs,
+                    fetched=float(fetched),
+                    checked=float(checked),
+                    last_pulled=float(last_access),
+                )
+            )
+        return summaries
+
+    async def purge_repository(
+        self,
+        repository: str,
+        tag: str | None = None,
+        *,
+        dry_run: bool = False,
+        before_commit: Callable[[list[str]], None] | None = None,
+    ) -> PurgeRecord:
+        """Forget a repository, or one of its tags, then collect garbage.
+
+        Without `tag`: its tags and its repository links go. With `tag`: the
+        tag goes, and so do the repository's links to the manifests that tag
+        reaches (an index and its children) unless another of its tags still
+        reaches them. Then manifests and blobs nothing needs any more go (see
+        `_collect_garbage`). `before_commit(digests)` is called with the blob
+        digests whose rows are being deleted, inside the transaction, so it
+        can take their files out of the store before anything can start
+        using them again. `dry_run` rolls everything back and returns what
+        would have gone. Raises sqlite3.Error (e.g. the database stayed
+        locked for longer than busy_timeout).
+        """
+
+        async def roots() -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+            if tag is None:
+                tags = await self._fetch(
+                    "SELECT repository, tag, digest FROM tags WHERE repository = ?"
+                    " ORDER BY tag",
+                    (repository,),
+                )
+                links = await self._fetch(
+                    "SELECT repository, digest FROM repository_manifests"
+                    " WHERE repository = ? ORDER BY digest",
+                    (repository,),
+                )
+            else:
+                tags = await self._fetch(
+                    "SELECT repository, tag, digest FROM tags"
+                    " WHERE repository = ? AND tag = ?",
+                    (repository, tag),
+                )
+                links = await self._fetch(
+                    "WITH RECURSIVE"
+                    " tree(digest) AS ("
+                    "   SELECT digest FROM tags WHERE repository = ? AND tag = ?"
+                    "   UNION SELECT r.child FROM manifest_refs r"
+                    "   JOIN tree ON r.manifest = tree.digest"
+                    "   WHERE r.kind = 'manifest'),"
+                    " keep(digest) AS ("
+                    "   SELECT digest FROM tags WHERE repository = ? AND tag != ?"
+                    "   UNION SELECT r.child FROM manifest_refs r"
+                    "   JOIN keep ON r.manifest = keep.digest"
+                    "   WHERE r.kind = 'manifest')"
+                    " SELECT repository, digest FROM repository_manifests"
+                    " WHERE repository = ?"
+                    "  AND digest IN (SELECT digest FROM tree)"
+                    "  AND digest NOT IN (SELECT digest FROM keep)"
+                    " ORDER BY digest",
+                    (repository, tag, repository, tag, repository),
+                )
+            return (
+                [(str(r), str(t), str(d)) for r, t, d in tags],
+                [(str(r), str(d)) for r, d in links],
+            )
+
+        return await self._purge(roots, None, dry_run, before_commit)
+
+    async def purge_older_than(
+        self,
+        cutoff: float,
+        *,
+        dry_run: bool = False,
+        before_commit: Callable[[list[str]], None] | None = None,
+    ) -> PurgeRecord:
+        """Forget what was last used before `cutoff` (seconds since the epoch).
+
+        Tags whose last access is older, repository links to manifests whose
+        last access is older, and blobs whose last access is older go; then
+        garbage is collected as for `purge_repository`, whose arguments and
+        errors these are.
+        """
+
+        async def roots() -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+            tags = await self._fetch(
+                "SELECT repository, tag, digest FROM tags WHERE last_access < ?"
+                " ORDER BY repository, tag",
+                (cutoff,),
+            )
+            links = await self._fetch(
+                "SELECT rm.repository, rm.digest FROM repository_manifests rm"
+                " JOIN manifests m ON m.digest = rm.digest WHERE m.last_access < ?"
+                " ORDER BY rm.repository, rm.digest",
+                (cutoff,),
+            )
+            return (
+                [(str(r), str(t), str(d)) for r, t, d in tags],
+                [(str(r), str(d)) for r, d in links],
+            )
+
+        return await self._purge(roots, cutoff, dry_run, before_commit)
+
+    async def _purge(
+        self,
+        roots: Callable[
+            [], Awaitable[tuple[list[tuple[str, str, str]], list[tuple[str, str]]]]
+        ],
+        cutoff: float | None,
+        dry_run: bool,
+        before_commit: Callable[[list[str]], None] | None,
+    ) -> PurgeRecord:
+        await self.flush_access()
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            tags, links = await roots()
+            await self.db.executemany(
+                "DELETE FROM tags WHERE repository = ? AND tag = ?",
+                [(r, t) for r, t, _d in tags],
+            )
+            await self.db.executemany(
+                "DELETE FROM repository_manifests WHERE repository = ? AND digest = ?",
+                links,
+            )
+            manifests, blobs = await self._collect_garbage(cutoff)
+            digests = [d for d, _size in blobs]
+            if dry_run:
+                await self.db.rollback()
+            else:
+                if before_commit is not None:
+                    before_commit(digests)
+                await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+        if not dry_run:
+            gone = set(digests)
+            self._blob_access = {
+                d: t for d, t in self._blob_access.items() if d not in gone
+            }
+        return PurgeRecord(tags=tags, links=links, manifests=manifests, blobs=blobs)
+
+    async def _collect_garbage(
+        self, cutoff: float | None
+    ) -> tuple[list[tuple[str, str, int]], list[tuple[str, int]]]:
+        """Delete what no root needs; in the caller's write transaction.
+
+        A root is a tag or a repository link (`repository_manifests`). A
+        manifest stays if a root reaches it, directly or through an index.
+        A blob goes if a manifest being deleted referenced it and no
+        remaining manifest does, or if its last access is before `cutoff`.
+        Blobs no manifest ever referenced are left to eviction. Returns the
+        deleted manifests (digest, media type, size) and blobs (digest, size).
+        """
+        await self.db.execute(_DEAD_MANIFESTS_VIEW)
+        manifests = [
+            (str(d), str(t), int(n))
+            for d, t, n in await self._fetch(
+                "SELECT digest, media_type, size FROM manifests"
+                " WHERE digest IN (SELECT digest FROM temp.dead_manifests)"
+                " ORDER BY digest"
+            )
+        ]
+        blobs = {
+            str(d): int(n)
+            for d, n in await self._fetch(
+                "SELECT b.digest, b.size FROM blobs b"
+                " WHERE b.digest IN (SELECT r.child FROM manifest_refs r"
+                "   WHERE r.manifest IN (SELECT digest FROM temp.dead_manifests))"
+                " AND NOT EXISTS (SELECT 1 FROM manifest_refs r"
+                "   WHERE r.child = b.digest AND r.manifest NOT IN"
+                "   (SELECT digest FROM temp.dead_manifests))"
+            )
+        }
+        if cutoff is not None:
+            for d, n in await self._fetch(
+                "SELECT digest, size FROM blobs WHERE last_access < ?", (cutoff,)
+            ):
+                blobs[str(d)] = int(n)
+        # Deleting a manifest cascades to its references.
+        await self.db.executemany(
+            "DELETE FROM manifests WHERE digest = ?", [(d,) for d, _t, _n in manifests]
+        )
+        await self.db.executemany(
+            "DELETE FROM blobs WHERE digest = ?", [(d,) for d in blobs]
+        )
+        return manifests, sorted(blobs.items())
+
+    async def _fetch(
+        self, sql: str, params: tuple[object, ...] = ()
+    ) -> list[tuple[Any, ...]]:
+        async with self.db.execute(sql, params) as cur:
+            return [tuple(row) for row in await cur.fetchall()]
+
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[None]:
+        """One read transaction: the statements inside see one snapshot."""
+        await self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            await self.db.rollback()
+
+
+# Manifests no root reaches. A root is a tag or a repository link; a manifest
+# is reached from a root directly or through an index (recursively). UNION,
+# not UNION ALL, makes a reference cycle terminate. A per-connection view, so
+# the walk is written once and evaluated inside the caller's transaction.
+_DEAD_MANIFESTS_VIEW = """
+    CREATE TEMP VIEW IF NOT EXISTS dead_manifests (digest) AS
+    WITH RECURSIVE
+    roots(digest) AS (
+        SELECT digest FROM tags UNION SELECT digest FROM repository_manifests
+    ),
+    reach(digest) AS (
+        SELECT digest FROM roots
+        UNION
+        SELECT r.child FROM manifest_refs r JOIN reach ON r.manifest = reach.digest
+        WHERE r.kind = 'manifest'
+    )
+    SELECT digest FROM manifests WHERE digest NOT IN (SELECT digest FROM reach)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    blobs: int
+    blob_bytes: int
+    oldest_access: float | None  # of a blob; None when there are none
+    newest_access: float | None
+    manifests: int
+    manifest_bytes: int
+    tags: int
+    repositories: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepositorySummary:
+    repository: str
+    tags: int
+    manifests: int  # linked to it: fetched through this repository
+    size: int  # bytes of the distinct blobs its cached manifests reference
+    cached: int  # bytes of those in the store
+    blobs: int
+    cached_blobs: int
+    last_pulled: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class TagSummary:
+    repository: str
+    tag: str
+    digest: str
+    media_type: str
+    manifest_cached: bool
+    platforms: tuple[int, int] | None  # an index: (children cached, children)
+    size: int
+    cached: int
+    blobs: int
+    cached_blobs: int
+    fetched: float
+    checked: float
+    last_pulled: float
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeRecord:
+    """What a purge removed (or, dry, would remove)."""
+
+    tags: list[tuple[str, str, str]]  # repository, tag, digest
+    links: list[tuple[str, str]]  # repository, manifest digest
+    manifests: list[tuple[str, str, int]]  # digest, media type, size
+    blobs: list[tuple[str, int]]  # digest, size
+
+    @property
+    def empty(self) -> bool:
+        return not (self.tags or self.links or self.manifests or self.blobs)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+import aiohttp
+import pytest
+
 from mirror.app import CACHE, EVICTOR
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
@@ -149,3 +152,28 @@ async def test_evicted_blob_of_a_cached_manifest_is_fetched_again(
     assert await resp.read() == manifest
     for digest in image.blobs:
         assert sha256(await get(mirror, digest)) == digest
+
+
+async def test_stalled_client_does_not_stall_others_on_an_uncached_blob(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    # Uncached (too large), and well beyond the memory window plus what the
+    # socket buffers of a client that stops reading can absorb.
+    data = blob(31, 64 * 1024 * KiB)
+    digest = upstream.add_blob(data)
+    upstream.stall = asyncio.Event()  # both clients attach before the headers
+    mirror = await make_mirror(
+        upstream, cache_max_size="1MiB", upstream_read_timeout="300ms"
+    )
+    path = f"/v2/library/x/blobs/{digest}"
+    stalled = asyncio.create_task(mirror.client.get(path))
+    reader = asyncio.create_task(mirror.client.get(path))
+    await asyncio.sleep(0.1)
+    upstream.stall.set()
+    stalled_resp, resp = await stalled, await reader
+    await stalled_resp.content.read(KiB)  # ...and then reads no more
+    assert sha256(await resp.read()) == digest
+    assert upstream.count("blob", "GET") == 1
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await stalled_resp.read()

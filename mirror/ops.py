@@ -1,0 +1,652 @@
+"""Operator commands on a cache directory: status, ls, purge, gc, verify.
+
+Each command opens the cache the daemon uses, safely while it runs: SQLite is
+in WAL mode with a busy timeout, so readers see a consistent snapshot and a
+purge's one write transaction briefly queues the daemon's writes; blobs leave
+the store by `BlobStore.detach` (one rename out of `blobs/`) before their
+bytes are discarded, so a reader that already opened one keeps reading it.
+The CLI never calls `BlobStore.open()`, which would empty `tmp/` under the
+daemon's downloads in progress.
+
+The functions here return plain dataclasses; the `render_*` functions turn
+them into the tables `mirror` prints, and `to_json` into what `--json`
+prints. Errors an operator can act on are `OpsError`s carrying the exit
+status the CLI should return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from mirror.cache.blobs import BlobStore
+from mirror.cache.eviction import Evictor, PinSet
+from mirror.cache.integrity import IntegrityReport
+from mirror.cache.integrity import verify as verify_store
+from mirror.cache.metadata import (
+    DATABASE_NAME,
+    CacheStats,
+    MetadataStore,
+    PurgeRecord,
+    RepositorySummary,
+    TagSummary,
+)
+from mirror.config import CacheConfig
+from mirror.errors import MirrorError
+from mirror.metrics import Metrics
+from mirror.reference import parse_digest, parse_name, parse_tag
+
+# Registry host names that mean Docker Hub in an image reference.
+DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+class OpsError(Exception):
+    """A command cannot do what was asked; the message is one line."""
+
+    exit_status = 1
+
+
+class UsageError(OpsError):
+    """The command line or the configuration is wrong (exit status 2)."""
+
+    exit_status = 2
+
+
+class NotInCache(OpsError):
+    """The named repository or tag is not in the cache (exit status 1)."""
+
+
+# --- image references ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """A Docker Hub image: a normalised repository and a tag or a digest."""
+
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry for: the digest if given, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        text = self.repository
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+
+def parse_image_ref(text: str, *, default_tag: str | None = None) -> ImageRef:
+    """`alpine`, `alpine:3`, `grafana/grafana:10`, `user/app@sha256:…`.
+
+    A `docker.io/` prefix is accepted; other registries are refused (this
+    mirror serves Docker Hub only). Single-component names become
+    `library/<name>`, as the daemon stores them. Without a tag or digest the
+    tag is `default_tag`. Raises UsageError.
+    """
+    rest, at, digest = text.strip().partition("@")
+    first, slash, after = rest.partition("/")
+    if slash and first in DOCKER_HUB_HOSTS:
+        rest = after
+    elif slash and ("." in first or ":" in first or first == "localhost"):
+        raise UsageError(f"{text}: only Docker Hub images can go through the mirror")
+    name, colon, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    try:
+        repository = parse_name(name)
+        ref = ImageRef(
+            repository,
+            parse_tag(tag) if colon else default_tag,
+            str(parse_digest(digest)) if at else None,
+        )
+    except MirrorError as exc:
+        raise UsageError(f"{text!r} is not an image reference: {exc.message}") from None
+    return ref
+
+
+# --- opening the cache --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    metadata: MetadataStore
+    blobs: BlobStore
+
+
+@contextlib.asynccontextmanager
+async def open_cache(cache_dir: Path) -> AsyncIterator[Cache]:
+    """The cache in `cache_dir`, which must exist; closes the database after.
+
+    Opening migrates an older schema, like the daemon would. Raises
+    UsageError when there is no cache there or its schema is too new.
+    """
+    db_path = cache_dir / DATABASE_NAME
+    if not db_path.is_file():
+        raise UsageError(
+            f"no cache in {cache_dir} ({DATABASE_NAME} not found; "
+            "give --cache-dir, cache.dir or MIRROR_CACHE_DIR)"
+        )
+    metadata = MetadataStore(db_path)
+    try:
+        await metadata.open()
+    except RuntimeError as exc:  # a database newer than this program
+        raise UsageError(str(exc)) from None
+    try:
+        blobs = BlobStore(cache_dir)
+        # detach() renames into tmp/; it exists whenever a daemon ran here.
+        await asyncio.to_thread(blobs.tmp_dir.mkdir, parents=True, exist_ok=True)
+        yield Cache(metadata, blobs)
+    finally:
+        await metadata.close()
+
+
+# --- status -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    cache_dir: str
+    size: int  # bytes of cached blobs
+    max_size: int
+    low_watermark: float
+    min_free: int
+    blobs: int
+    manifests: int
+    manifest_bytes: int
+    tags: int
+    repositories: int
+    oldest_access: float | None  # seconds since the epoch, of a blob
+    newest_access: float | None
+    disk_free: int
+    disk_total: int
+
+
+async def status(cache: CacheConfig) -> Status:
+    """Sizes, counts and free disk. Raises UsageError, sqlite3.Error."""
+    async with open_cache(cache.dir) as opened:
+        stats: CacheStats = await opened.metadata.cache_stats()
+    usage = await asyncio.to_thread(shutil.disk_usage, cache.dir)
+    return Status(
+        cache_dir=str(cache.dir),
+        size=stats.blob_bytes,
+        max_size=cache.max_size,
+        low_watermark=cache.low_watermark,
+        min_free=cache.min_free,
+        blobs=stats.blobs,
+        manifests=stats.manifests,
+        manifest_bytes=stats.manifest_bytes,
+        tags=stats.tags,
+        repositories=stats.repositories,
+        oldest_access=stats.oldest_access,
+        newest_access=stats.newest_access,
+        disk_free=usage.free,
+        disk_total=usage.total,
+    )
+
+
+# --- ls -----------------------------------------------------------------------
+
+
+async def list_repositories(cache: CacheConfig) -> list[RepositorySummary]:
+    """Every cached repository. Raises UsageError, sqlite3.Error."""
+    async with open_cache(cache.dir) as opened:
+        return await opened.metadata.repositories()
+
+
+async def list_tags(cache: CacheConfig, repository: str) -> list[TagSummary]:
+    """The cached tags of a repository (normalised, e.g. `library/alpine`).
+
+    Raises NotInCache when the cache knows nothing of it, UsageError,
+    sqlite3.Error.
+    """
+    async with open_cache(cache.dir) as opened:
+        tags = await opened.metadata.repository_tags(repository)
+        if not tags and not any(
+            r.repository == repository for r in await opened.metadata.repositories()
+        ):
+            raise NotInCache(f"{repository} is not in the cache")
+    return tags
+
+
+# --- purge --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    dry_run: bool
+    record: PurgeRecord
+    # Blob files found in the store and taken out (not counted in a dry run).
+    files_removed: int = 0
+
+    @property
+    def freed(self) -> int:
+        return sum(size for _digest, size in self.record.blobs)
+
+    def as_json(self) -> dict[str, object]:
+        """What `mirror purge --json` prints."""
+        record = self.record
+        return {
+            "dry_run": self.dry_run,
+            "tags": [
+                {"repository": r, "tag": t, "digest": d} for r, t, d in record.tags
+            ],
+            "links": [{"repository": r, "digest": d} for r, d in record.links],
+            "manifests": [
+                {"digest": d, "media_type": m, "size": n}
+                for d, m, n in record.manifests
+            ],
+            "blobs": [{"digest": d, "size": n} for d, n in record.blobs],
+            "freed": self.freed,
+        }
+
+
+async def purge(
+    cache: CacheConfig,
+    *,
+    image: ImageRef | None = None,
+    older_than: float | None = None,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> PurgeReport:
+    """Remove a repository or one tag (`image`), or what was last used more
+    than `older_than` seconds before `now`; then collect garbage. The exact
+    rules are `MetadataStore.purge_repository` and `purge_older_than`.
+
+    Blob files leave the store (a rename) inside the database transaction
+    that deletes their rows, and are unlinked after it commits.
+
+    Raises NotInCache when `image` names nothing cached, UsageError,
+    sqlite3.Error.
+    """
+    if (image is None) == (older_than is None):
+        raise UsageError("purge takes either REPO[:TAG] or --older-than")
+    if image is not None and image.digest is not None:
+        raise UsageError(f"{image}: purge takes REPO or REPO:TAG, not a digest")
+    moved: list[Path] = []
+    async with open_cache(cache.dir) as opened:
+
+        def detach(digests: list[str]) -> None:
+            # Runs inside the write transaction: renames only, microseconds each.
+            for digest in digests:
+                path = opened.blobs.detach(parse_digest(digest))
+                if path is not None:
+                    moved.append(path)
+
+        try:
+            if image is not None:
+                record = await opened.metadata.purge_repository(
+                    image.repository, image.tag, dry_run=dry_run, before_commit=detach
+                )
+                if record.empty:
+                    raise NotInCache(f"{image} is not in the cache")
+            else:
+                cutoff = (time.time() if now is None else now) - (older_than or 0.0)
+                record = await opened.metadata.purge_older_than(
+                    cutoff, dry_run=dry_run, before_commit=detach
+                )
+        finally:
+            for path in moved:
+                await opened.blobs.discard(path)
+    return PurgeReport(dry_run, record, len(moved))
+
+
+# --- gc -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GcReport:
+    size_before: int
+    size_after: int
+    evicted: int
+    freed: int
+    max_size: int
+    target: int  # what a pass frees down to once over max_size
+    min_free: int
+    disk_free: int
+
+
+async def gc(cache: CacheConfig) -> GcReport:
+    """One eviction pass now, with the configured limits.
+
+    The same pass the daemon's worker runs: least recently used blobs go
+    until the store is within budget and min_free is free. This process
+    cannot see the daemon's pins (blobs being sent right now); a client
+    reading one keeps its open file, the next request re-fetches it.
+    Raises UsageError, sqlite3.Error.
+    """
+    async with open_cache(cache.dir) as opened:
+        _count, size_before = await opened.metadata.blob_totals()
+        evictor = Evictor(
+            opened.metadata,
+            opened.blobs,
+            Metrics(),
+            PinSet(),
+            max_size=cache.max_size,
+            min_free=cache.min_free,
+            low_watermark=cache.low_watermark,
+            interval=cache.eviction_interval,
+        )
+        result = await evictor.evict()
+    usage = await asyncio.to_thread(shutil.disk_usage, cache.dir)
+    return GcReport(
+        size_before=size_before,
+        size_after=result.size_after,
+        evicted=result.evicted,
+        freed=result.freed,
+        max_size=cache.max_size,
+        target=int(cache.max_size * cache.low_watermark),
+        min_free=cache.min_free,
+        disk_free=usage.free,
+    )
+
+
+# --- verify -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    checked: int  # files hashed
+    bytes: int
+    removed: list[str]  # digests of files that did not match their digest
+    rows_dropped: int  # rows whose file was missing
+    adopted: int  # files without a row that matched their name
+
+
+async def verify(
+    cache: CacheConfig, progress: Callable[[int, int, int, int], None] | None = None
+) -> VerifyReport:
+    """Re-hash every blob and remove those that do not match.
+
+    `progress(files_done, files, bytes_done, bytes)` is called after each
+    file. Raises UsageError, sqlite3.Error.
+    """
+    hashed_files, hashed_bytes = 0, 0
+
+    def count(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
+        nonlocal hashed_files, hashed_bytes
+        hashed_files, hashed_bytes = done, done_bytes
+        if progress is not None:
+            progress(done, total, done_bytes, total_bytes)
+
+    async with open_cache(cache.dir) as opened:
+        report: IntegrityReport = await verify_store(
+            opened.metadata, opened.blobs, count
+        )
+    return VerifyReport(
+        checked=hashed_files,
+        bytes=hashed_bytes,
+        removed=report.removed,
+        rows_dropped=report.rows_dropped,
+        adopted=report.adopted,
+    )
+
+
+class Progress:
+    """A progress display on a stream (stderr).
+
+    On a terminal, one line rewritten in place (at most every `tty_interval`
+    seconds); otherwise a line every `interval` seconds, so a log collector
+    gets a heartbeat rather than a flood. `finish()` ends the display.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        tty: bool | None = None,
+        interval: float = 10.0,
+        tty_interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = tty_interval if self.tty else interval
+        self.clock = clock
+        self._last = -float("inf")
+        self._shown = ""
+
+    def show(self, line: str, *, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        self._shown = line
+        if self.tty:
+            self.stream.write(f"\r{line}\x1b[K")
+        else:
+            self.stream.write(f"{line}\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._shown = ""
+
+    def verify_callback(self) -> Callable[[int, int, int, int], None]:
+        def update(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
+            share = done_bytes / total_bytes if total_bytes else 1.0
+            self.show(
+                f"verifying: {done}/{total} blobs, {human_size(done_bytes)} of "
+                f"{human_size(total_bytes)} ({share:.0%})",
+                force=done == total,
+            )
+
+        return update
+
+
+# --- rendering ----------------------------------------------------------------
+
+MEDIA_TYPE_NAMES = {
+    "application/vnd.oci.image.index.v1+json": "OCI index",
+    "application/vnd.oci.image.manifest.v1+json": "OCI manifest",
+    "application/vnd.docker.distribution.manifest.list.v2+json": "Docker list",
+    "application/vnd.docker.distribution.manifest.v2+json": "Docker manifest",
+}
+
+
+def to_json(value: Any) -> str:
+    """`--json` output: dataclasses as objects, tuples as arrays."""
+
+    def convert(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {
+                f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            }
+        if isinstance(obj, list | tuple):
+            return [convert(item) for item in obj]
+        if isinstance(obj, dict):
+            return {str(k): convert(v) for k, v in obj.items()}
+        return obj
+
+    return json.dumps(convert(value), indent=2)
+
+
+def human_size(size: int) -> str:
+    """Bytes in binary units: `512 B`, `1.5 KiB`, `3.2 GiB`."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def human_age(seconds: float) -> str:
+    if seconds < 60:
+        return "just now"
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{int(seconds // length)}{unit} ago"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def human_time(timestamp: float | None, now: float) -> str:
+    """Local time to the minute, and how long ago: `2024-05-01 12:00 (3d ago)`."""
+    if not timestamp:
+        return "-"
+    local = datetime.datetime.fromtimestamp(timestamp).astimezone()
+    return f"{local:%Y-%m-%d %H:%M} ({human_age(max(0.0, now - timestamp))})"
+
+
+def short_digest(digest: str) -> str:
+    algorithm, _, hex_ = digest.partition(":")
+    return f"{algorithm}:{hex_[:12]}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: int = 0) -> str:
+    """Columns padded to their widest cell; the last `right` columns are
+    right-aligned (numbers)."""
+    cells = [list(headers), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    first_right = len(headers) - right
+    lines = []
+    for row in cells:
+        parts = [
+            cell.rjust(width) if i >= first_right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def render_status(s: Status, now: float) -> str:
+    share = s.size / s.max_size if s.max_size else 0.0
+    disk_share = s.disk_free / s.disk_total if s.disk_total else 0.0
+    rows = [
+        ("cache", s.cache_dir),
+        (
+            "size",
+            f"{human_size(s.size)} of {human_size(s.max_size)} ({share:.0%}); "
+            f"eviction frees down to {s.low_watermark:.0%}",
+        ),
+        ("blobs", str(s.blobs)),
+        ("manifests", f"{s.manifests} ({human_size(s.manifest_bytes)})"),
+        ("tags", f"{s.tags} in {s.repositories} repositories"),
+        ("oldest access", human_time(s.oldest_access, now)),
+        ("newest access", human_time(s.newest_access, now)),
+        (
+            "disk free",
+            f"{human_size(s.disk_free)} of {human_size(s.disk_total)} "
+            f"({disk_share:.0%}); keeps at least {human_size(s.min_free)}",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _cached_cell(size: int, cached: int) -> str:
+    if size == 0:
+        return human_size(cached)
+    return f"{human_size(cached)} ({min(cached / size, 1.0):.0%})"
+
+
+def render_repositories(repos: list[RepositorySummary], now: float) -> str:
+    if not repos:
+        return "the cache is empty"
+    rows = [
+        (
+            r.repository,
+            human_time(r.last_pulled, now),
+            str(r.tags),
+            human_size(r.size),
+            _cached_cell(r.size, r.cached),
+        )
+        for r in repos
+    ]
+    return table(("REPOSITORY", "LAST PULLED", "TAGS", "SIZE", "CACHED"), rows, 3)
+
+
+def render_tags(repository: str, tags: list[TagSummary], now: float) -> str:
+    if not tags:
+        return f"{repository}: no tags cached (only manifests by digest)"
+    rows = []
+    for t in tags:
+        platforms = "-" if t.platforms is None else f"{t.platforms[0]}/{t.platforms[1]}"
+        size = human_size(t.size) if t.manifest_cached else "?"
+        rows.append(
+            (
+                t.tag,
+                short_digest(t.digest),
+                human_time(t.last_pulled, now),
+                platforms,
+                size,
+                _cached_cell(t.size, t.cached),
+            )
+        )
+    headers = ("TAG", "DIGEST", "LAST PULLED", "PLATFORMS", "SIZE", "CACHED")
+    return f"{repository}\n" + table(headers, rows, 3)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def render_purge(report: PurgeReport) -> str:
+    verb = "would remove" if report.dry_run else "removed"
+    record = report.record
+    lines = [
+        *(f"{verb} tag {r}:{t} ({short_digest(d)})" for r, t, d in record.tags),
+        *(f"{verb} link {r}@{short_digest(d)}" for r, d in record.links),
+        *(
+            f"{verb} manifest {short_digest(d)} "
+            f"({MEDIA_TYPE_NAMES.get(media, media)}, {human_size(n)})"
+            for d, media, n in record.manifests
+        ),
+        *(f"{verb} blob {short_digest(d)} ({human_size(n)})" for d, n in record.blobs),
+    ]
+    lines.append(
+        f"{verb} {_plural(len(record.tags), 'tag')}, "
+        f"{_plural(len(record.links), 'repository link')}, "
+        f"{_plural(len(record.manifests), 'manifest')} and "
+        f"{_plural(len(record.blobs), 'blob')} ({human_size(report.freed)})"
+    )
+    return "\n".join(lines)
+
+
+def render_gc(report: GcReport) -> str:
+    if report.evicted == 0:
+        return (
+            f"nothing to evict: {human_size(report.size_after)} of "
+            f"{human_size(report.max_size)}, {human_size(report.disk_free)} free"
+        )
+    return (
+        f"evicted {_plural(report.evicted, 'blob')} ({human_size(report.freed)}): "
+        f"{human_size(report.size_before)} -> {human_size(report.size_after)} of "
+        f"{human_size(report.max_size)}, {human_size(report.disk_free)} free"
+    )
+
+
+def render_verify(report: VerifyReport) -> str:
+    count = len(report.removed)
+    verdict = (
+        "all match"
+        if count == 0
+        else f"{count} did not match and "
+        + ("was removed" if count == 1 else "were removed")
+        + "".join(f"\n  removed {digest}" for digest in report.removed)
+    )
+    line = (
+        f"verified {_plural(report.checked, 'blob')} ({human_size(report.bytes)}): "
+        + verdict
+    )
+    extras = []
+    if report.rows_dropped:
+        extras.append(f"{report.rows_dropped} rows without a file dropped")
+    if report.adopted:
+        extras.append(f"{report.adopted} files without a row adopted")
+    return line + (f"; {', '.join(extras)}" if extras else "")
