@@ -113,7 +113,7 @@ def create_app(
         evictor.low_watermark = new.cache.low_watermark
         evictor.interval = new.cache.eviction_interval
         upstream.ratelimit.warn_below = new.upstream.ratelimit_warn_below
-        logging.getLogger().setLevel(new.log.level.upper())
+        logging.getLogger("mirror").setLevel(new.log.level.upper())
         evictor.trigger()
         changed = [
             key

@@ -68,17 +68,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def setup_logging(config: Config) -> None:
+    """log.level applies to mirror's own loggers; libraries stay at INFO
+    (at DEBUG, aiosqlite would log every SQL statement)."""
     logging.basicConfig(
-        level=config.log.level.upper(),
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("mirror").setLevel(config.log.level.upper())
 
 
 def serve(config: Config, config_path: Path | None) -> int:
     # Imported here so the CLI's error paths stay fast and dependency-light.
     from mirror.app import RELOAD, create_app
 
+    # A reload that arrives during start-up (before the handler below is
+    # installed) must not kill us, which is SIGHUP's default action.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config.cache.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
