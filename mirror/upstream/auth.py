@@ -42,6 +42,8 @@ from mirror.singleflight import SingleFlight
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_TTL = 60.0  # what the token spec says to assume without expires_in
+# After upstream rejected the credentials, token fetches wait this long.
+REJECTED_BACKOFF = 30.0
 _PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 
 
@@ -142,6 +144,7 @@ class TokenAuth:
         self._challenge: Challenge | None = None
         # Set when upstream rejected our credentials; cleared by a success.
         self.credentials_rejected = False
+        self._rejected_until = 0.0
 
     @property
     def identity(self) -> str:
@@ -177,6 +180,10 @@ class TokenAuth:
             return self._credentials.basic()
         if not challenge.realm:
             raise UpstreamDenied("upstream bearer challenge names no realm")
+        if self._clock() < self._rejected_until:
+            # Asking again with credentials just refused would only add a
+            # log line per request (and may get the account locked).
+            raise UpstreamDenied("upstream rejected the mirror's credentials")
         key = (challenge.realm, challenge.service, scope)
         if challenge.error == "invalid_token":
             self._tokens.pop(key, None)
@@ -245,6 +252,7 @@ class TokenAuth:
         """The token service said no. Raises UpstreamDenied."""
         if self._credentials is not None:
             self.credentials_rejected = True
+            self._rejected_until = self._clock() + REJECTED_BACKOFF
             self._metrics.upstream_auth_failures.labels("rejected").inc()
             log.error(
                 "upstream rejected the credentials of %s (HTTP %d); check "

@@ -229,7 +229,7 @@ class UpstreamClient:
             self._down_until = self._clock() + self._config.down_backoff
             self._metrics.upstream_up.set(0)
             log.warning(
-                "upstream %s failed after retries; failing fast for %.0fs",
+                "upstream %s failed after retries; failing fast for %ss",
                 self._config.url,
                 self._config.down_backoff,
             )

@@ -147,6 +147,17 @@ async def test_rejected_credentials_are_loud_and_not_downgraded(
     ready = await mirror.client.get("/readyz")
     assert ready.status == 503
     assert "rejected the credentials" in json.dumps(await ready.json())
+    # Not asked again for a while: refused credentials stay refused...
+    token_requests = upstream.count("token")
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+    assert resp.status == 403
+    assert upstream.count("token") == token_requests
+    # ...then tried again, and fixed credentials make the mirror ready.
+    upstream.users = {"ci-bot": "wrong"}
+    mirror.clock.advance(31)
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+    assert resp.status == 200
+    assert (await mirror.client.get("/readyz")).status == 200
 
 
 async def test_invalid_token_is_replaced_once(make_mirror: MirrorFactory) -> None:
