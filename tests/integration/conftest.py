@@ -21,6 +21,7 @@ started is attached to the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -255,7 +256,11 @@ def mirror(
 
 class MirrorFactory(Protocol):
     def __call__(
-        self, upstream_url: str, workdir: Path | None = None, extra_toml: str = ""
+        self,
+        upstream_url: str,
+        workdir: Path | None = None,
+        extra_toml: str = "",
+        upstream_toml: str = "",
     ) -> MirrorProcess: ...
 
 
@@ -267,17 +272,21 @@ def mirror_factory(
 
     Reusing a ``workdir`` reuses its cache directory, which is how tests
     restart a mirror on the same cache; ``extra_toml`` lands in ``[cache]``
-    (see ``MirrorProcess``).
+    and ``upstream_toml`` in ``[upstream]`` (see ``MirrorProcess``).
     """
     started: list[MirrorProcess] = []
 
     def factory(
-        upstream_url: str, workdir: Path | None = None, extra_toml: str = ""
+        upstream_url: str,
+        workdir: Path | None = None,
+        extra_toml: str = "",
+        upstream_toml: str = "",
     ) -> MirrorProcess:
         process = MirrorProcess(
             upstream_url=upstream_url,
             workdir=workdir or tmp_path / f"mirror{len(started)}",
             extra_toml=extra_toml,
+            upstream_toml=upstream_toml,
         )
         started.append(process)
         mark = _log_offset(process.log_path)
@@ -292,10 +301,11 @@ def mirror_factory(
         process.stop()
 
 
-@pytest.fixture(scope="module")
-def docker(dockerd_bin: str, mirror: MirrorProcess) -> Iterator[DockerDaemon]:
+@contextlib.contextmanager
+def _running_docker(binary: str, mirror_url: str) -> Iterator[DockerDaemon]:
+    """A dockerd pulling through ``mirror_url``, stopped and removed after."""
     daemon = DockerDaemon(
-        binary=dockerd_bin, directory=make_daemon_dir(), mirror_url=mirror.url
+        binary=binary, directory=make_daemon_dir(), mirror_url=mirror_url
     )
     try:
         _started(daemon.start)
@@ -303,6 +313,34 @@ def docker(dockerd_bin: str, mirror: MirrorProcess) -> Iterator[DockerDaemon]:
     finally:
         daemon.stop()
         remove_daemon_dir(daemon.directory)
+
+
+@pytest.fixture(scope="module")
+def docker(dockerd_bin: str, mirror: MirrorProcess) -> Iterator[DockerDaemon]:
+    with _running_docker(dockerd_bin, mirror.url) as daemon:
+        yield daemon
+
+
+DockerFactory = Callable[[MirrorProcess], DockerDaemon]
+
+
+@pytest.fixture
+def docker_factory(
+    dockerd_bin: str, request: pytest.FixtureRequest
+) -> Iterator[DockerFactory]:
+    """Start private dockerds, each pulling through a test's own mirror.
+
+    dockerd takes its mirror URL at start-up, so a test that starts its own
+    mirror needs its own daemon (about a second to start and stop).
+    """
+    with contextlib.ExitStack() as stack:
+
+        def factory(mirror: MirrorProcess) -> DockerDaemon:
+            daemon = stack.enter_context(_running_docker(dockerd_bin, mirror.url))
+            _attach(request, "dockerd", daemon.process, 0)
+            return daemon
+
+        yield factory
 
 
 @pytest.fixture(scope="module")

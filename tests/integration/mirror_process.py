@@ -25,12 +25,15 @@ def toml_string(value: str) -> str:
     return f'"{escaped}"'
 
 
-def mirror_config(*, port: int, upstream_url: str, cache_dir: Path, extra: str) -> str:
+def mirror_config(
+    *, port: int, upstream_url: str, cache_dir: Path, extra: str, upstream: str = ""
+) -> str:
     return (
         "[server]\n"
         f"listen = {toml_string(f'127.0.0.1:{port}')}\n"
         "\n[upstream]\n"
         f"url = {toml_string(upstream_url)}\n"
+        f"{upstream}"
         "\n[cache]\n"
         f"dir = {toml_string(str(cache_dir))}\n"
         f"{extra}"
@@ -57,12 +60,14 @@ class MirrorProcess:
 
     ``extra_toml`` is appended verbatim to the generated config, right after
     ``[cache] dir``: plain ``key = value`` lines land in ``[cache]``, and
-    later ``[section]`` headers start other tables.
+    later ``[section]`` headers start other tables. ``upstream_toml`` lines
+    land in ``[upstream]`` (a TOML table cannot be opened twice).
     """
 
     upstream_url: str
     workdir: Path
     extra_toml: str = ""
+    upstream_toml: str = ""
     port: int = 0
     process: ManagedProcess | None = None
     cache_dir: Path = field(init=False)
@@ -101,6 +106,7 @@ class MirrorProcess:
                     upstream_url=self.upstream_url,
                     cache_dir=self.cache_dir,
                     extra=self.extra_toml,
+                    upstream=self.upstream_toml,
                 )
             )
             self.process = ManagedProcess(

@@ -1,9 +1,12 @@
 """A Docker-Hub-style token service for the distribution registry.
 
-This module owns ``TokenServer``: an anonymous token endpoint (like
-auth.docker.io) that grants every requested scope, signing RS256 JWTs with a
-throwaway key whose self-signed certificate the registry trusts through
-``auth.token.rootcertbundle``. With it the real registry behaves like Docker
+This module owns ``TokenServer``: a token endpoint (like auth.docker.io) that
+grants every requested scope, signing RS256 JWTs with a throwaway key whose
+self-signed certificate the registry trusts through
+``auth.token.rootcertbundle``. Requests without credentials get anonymous
+tokens; HTTP Basic credentials must name an account added with
+``add_account`` and its password, or the answer is ``401``, as Docker Hub
+answers a wrong password. With it the real registry behaves like Docker
 Hub towards the mirror: ``401`` with ``WWW-Authenticate: Bearer realm=…,
 service=…,scope=…``, then a token fetch, then the retried request.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hmac
 import json
 import threading
 import time
@@ -56,6 +60,10 @@ class TokenRequest:
     service: str
     scopes: tuple[str, ...]
     user_agent: str
+    account: str = ""
+    """The Basic auth user name sent; empty for an anonymous request."""
+    granted: bool = True
+    """False when the credentials were refused (401)."""
 
 
 class Signer:
@@ -80,7 +88,7 @@ class Signer:
     def certificate_pem(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
-    def token(self, scopes: list[str]) -> str:
+    def token(self, scopes: list[str], subject: str = "") -> str:
         """A JWT granting ``scopes``, in the shape distribution 2.8 verifies.
 
         The certificate travels in the ``x5c`` header; the registry checks it
@@ -98,7 +106,7 @@ class Signer:
         now = int(time.time())
         claims = {
             "iss": ISSUER,
-            "sub": "",
+            "sub": subject,
             # distribution 2.8 decodes "aud" as a single string.
             "aud": SERVICE,
             "exp": now + TOKEN_TTL,
@@ -125,6 +133,8 @@ class TokenServer:
     workdir: Path
     signer: Signer = field(default_factory=Signer)
     requests: list[TokenRequest] = field(default_factory=list)
+    accounts: dict[str, str] = field(default_factory=dict)
+    """User name -> password accepted in HTTP Basic credentials."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
@@ -163,23 +173,34 @@ class TokenServer:
                     return
                 query = parse_qs(url.query)
                 scopes = [s for value in query.get("scope", []) for s in value.split()]
+                account, granted = owner.check(self.headers.get("Authorization"))
                 owner.record(
                     TokenRequest(
                         service=query.get("service", [""])[0],
                         scopes=tuple(scopes),
                         user_agent=self.headers.get("User-Agent", ""),
+                        account=account,
+                        granted=granted,
                     )
                 )
-                token = owner.signer.token(scopes)
-                body = json.dumps(
+                if not granted:
+                    # Docker Hub's answer to a wrong user name or password.
+                    self.send_json(401, {"details": "incorrect username or password"})
+                    return
+                token = owner.signer.token(scopes, subject=account)
+                self.send_json(
+                    200,
                     {
                         "token": token,
                         "access_token": token,
                         "expires_in": TOKEN_TTL,
                         "issued_at": datetime.datetime.now(datetime.UTC).isoformat(),
-                    }
-                ).encode()
-                self.send_response(200)
+                    },
+                )
+
+            def send_json(self, status: int, document: dict[str, Any]) -> None:
+                body = json.dumps(document).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -195,6 +216,32 @@ class TokenServer:
             target=self._server.serve_forever, name="token-server", daemon=True
         )
         self._thread.start()
+
+    def add_account(self, username: str, password: str) -> None:
+        """Accept ``username``/``password`` as Basic credentials from now on."""
+        with self._lock:
+            self.accounts[username] = password
+
+    def check(self, authorization: str | None) -> tuple[str, bool]:
+        """``(account, granted)`` for a request's Authorization header.
+
+        No header is an anonymous request, which is granted; Basic
+        credentials are granted only for a known account and its password;
+        anything else is refused.
+        """
+        if not authorization:
+            return "", True
+        scheme, _, encoded = authorization.partition(" ")
+        if scheme.lower() != "basic":
+            return "", False
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return "", False
+        username, _, password = decoded.partition(":")
+        with self._lock:
+            known = self.accounts.get(username)
+        return username, known is not None and hmac.compare_digest(known, password)
 
     def record(self, request: TokenRequest) -> None:
         with self._lock:
