@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import itertools
 import logging
 import os
 import sqlite3
@@ -112,6 +113,7 @@ class BlobDownload:
         self._memory_bytes = 0
         self._readers: dict[int, int] = {}  # reader id -> its next offset
         self._dropped: set[int] = set()  # readers too slow to wait for
+        self._reader_ids = itertools.count()
         # The newest batch, so readers that are caught up need no pread.
         self._recent_offset = 0
         self._recent = b""
@@ -173,7 +175,7 @@ class BlobDownload:
         Raises the download's error (UpstreamError, DigestMismatch, ...) if it
         fails before the stream is complete.
         """
-        reader = id(object())
+        reader = next(self._reader_ids)
         offset = self._readers[reader] = start
         self._signal_consumed()  # a reader arrived: _hold() may trim now
         try:
@@ -183,7 +185,9 @@ class BlobDownload:
                 limit = self._readable() if end is None else min(end, self._readable())
                 if offset < limit:
                     data = await self._read(offset, min(limit - offset, READ_CHUNK))
-                    offset = self._readers[reader] = offset + len(data)
+                    offset += len(data)
+                    if reader in self._readers:  # not dropped meanwhile
+                        self._readers[reader] = offset
                     self._signal_consumed()
                     yield data
                     continue
