@@ -259,8 +259,11 @@ class BlobDownload:
             )
         except BaseException as exc:
             self.error = _as_domain_error(exc)
-            # From now on a new request must start afresh, not join a failure.
+            # From now on a new request must start afresh, not join a failure;
+            # the readers attached hear of it now, not after the cleanup.
             self._on_detach(self)
+            self._started.set()
+            self._notify()
             if isinstance(exc, DigestMismatch | _BodyCut):
                 ctx.metrics.verification_failures.labels("blob").inc()
             log.warning(
