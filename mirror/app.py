@@ -134,7 +134,7 @@ def create_app(
             await evictor.load()
             await upstream.open()
             stack.push_async_callback(upstream.close)
-            flusher = asyncio.create_task(_flush_access(metadata))
+            flusher = asyncio.create_task(_housekeeping(metadata, cache, evictor))
             stack.push_async_callback(_cancel, flusher)
             worker = asyncio.create_task(evictor.run())
             stack.push_async_callback(_cancel, worker)
@@ -152,13 +152,22 @@ def create_app(
     return app
 
 
-async def _flush_access(metadata: MetadataStore) -> None:
+async def _housekeeping(
+    metadata: MetadataStore, cache: PullThroughCache, evictor: Evictor
+) -> None:
+    """Write batched access times; notice changes made by the operator CLI."""
+    seen = await metadata.data_version()
     while True:
         await asyncio.sleep(ACCESS_FLUSH_INTERVAL)
         try:
             await metadata.flush_access()
+            version = await metadata.data_version()
+            if version != seen:
+                seen = version
+                cache.forget()
+                await evictor.load()
         except Exception:
-            log.exception("writing access times failed; will retry")
+            log.exception("housekeeping failed; will retry")
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

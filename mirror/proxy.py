@@ -375,6 +375,12 @@ class PullThroughCache:
         """Raises NameUnknown, UpstreamError."""
         return await self.upstream.list_tags(repository, params)
 
+    def forget(self) -> None:
+        """Drop the in-memory tags and manifests (the database changed under
+        us, e.g. `mirror purge`); they are read again on the next request."""
+        self._tags.clear()
+        self._manifests.clear()
+
     # --- health ---------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, dict[str, object]]:

@@ -318,6 +318,12 @@ class MetadataStore:
         )
         await self.db.commit()
 
+    async def data_version(self) -> int:
+        """Changes whenever another connection (the operator CLI) commits."""
+        async with self.db.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     # --- eviction and reconciliation -------------------------------------------
 
     async def blob_totals(self) -> tuple[int, int]:
