@@ -138,8 +138,9 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def log_text(self, *, since: int = 0, limit: int = 20_000) -> str:
-        """Return the log from byte offset ``since``, trimmed to its tail."""
+    def log_text(self, *, since: int = 0, limit: int | None = 20_000) -> str:
+        """Return the log from byte offset ``since``, trimmed to its tail
+        (for showing to people; ``limit=None`` for the whole of it)."""
         try:
             with self.log_path.open("rb") as log:
                 log.seek(since)
@@ -147,7 +148,7 @@ class ManagedProcess:
         except FileNotFoundError:
             return ""
         text = data.decode("utf-8", "replace")
-        if len(text) > limit:
+        if limit is not None and len(text) > limit:
             text = "[...]\n" + text[-limit:]
         return text
 

@@ -260,7 +260,8 @@ class Upstream:
     def requests_now(self, mark: int) -> RequestLog:
         """Requests logged since ``mark``, without waiting for stragglers."""
         assert self.process is not None
-        return RequestLog(tuple(parse_requests(self.process.log_text(since=mark))))
+        text = self.process.log_text(since=mark, limit=None)  # every line counts
+        return RequestLog(tuple(parse_requests(text)))
 
     async def requests_since(self, mark: int, *, quiet: float = 0.2) -> RequestLog:
         """Requests served since ``mark``, once the log has gone quiet.
