@@ -1,10 +1,13 @@
 """BlobDownload: one upstream fetch of one blob, shared by all its readers.
 
-The fetch task appends upstream bytes to a temp file and publishes how many
-are there; every reader (a client response) `pread`s from a shared
-read-only fd from its own offset, so a reader that joins late starts at byte
-0, then follows live. The fd stays valid when the file is renamed into the
-store or unlinked, so readers never race the commit.
+The fetch task hashes upstream bytes as they arrive and keeps them in a
+bounded memory window; a writer task appends them to a temp file behind it,
+so clients get bytes at network speed even when the disk is slower. Every
+reader (a client response) starts at its own offset — byte 0 for one that
+joins late — and reads what is on disk with `pread` from a shared read-only
+fd, then what is still only in memory, then follows live. The fd stays valid
+when the file is renamed into the store or unlinked, so readers never race
+the commit.
 
 Guarantees:
 
@@ -14,12 +17,15 @@ Guarantees:
   response short of the declared length.
 * A cut body is resumed with a Range request, up to `resume_attempts` times;
   the final digest check covers every byte.
+* Memory is bounded: the window holds at most `WINDOW` bytes per download;
+  when the disk (or, uncached, the slowest reader) falls that far behind,
+  the fetch waits for it.
 * Not every blob can be cached: one larger than the cache's whole budget, or
   one whose write hits a full disk (ENOSPC), is streamed through without
-  being cached. Bytes that are not on disk are kept in a bounded memory
-  buffer; the fetch waits for the slowest reader rather than buffer more.
-  Such a download takes no new readers (they start their own), and the temp
-  file is removed at once, so nothing partial is left behind.
+  being cached. Then the window is trimmed by the slowest reader instead of
+  by the writer, and a reader stalled longer than `reader_timeout` is
+  dropped. Such a download takes no new readers (they start their own), and
+  the temp file is removed at once, so nothing partial is left behind.
 """
 
 from __future__ import annotations
@@ -50,10 +56,11 @@ from mirror.upstream.client import BlobResponse
 
 log = logging.getLogger(__name__)
 
-# Upper bound of one read for one client, and of one write batch.
+# Upper bound of one read for one client, and of one batch from upstream.
 READ_CHUNK = 1024 * 1024
-# Bytes an uncacheable download may hold in memory ahead of its slowest reader.
-MEMORY_WINDOW = 8 * 1024 * 1024
+# Bytes one download may hold in memory ahead of its disk writes (or, when
+# uncached, of its slowest reader).
+WINDOW = 32 * 1024 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 Hasher = Any  # hashlib's hash objects have no public type
@@ -97,26 +104,26 @@ class BlobDownload:
         # Called once no new reader may join: when it ends, or turns uncached.
         self._on_detach = on_detach
         self.size: int | None = None
-        self.written = 0  # bytes received, hashed and published or held
+        self.received = 0  # bytes received and hashed
+        self.on_disk = 0  # bytes written to the temp file, a prefix
         self.verified = False
         self.cached = True  # False once it streams through uncached
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
-        self._changed = asyncio.Event()
-        self._consumed = asyncio.Event()
-        self._fd: int | None = None
+        self._changed = asyncio.Event()  # set on new bytes or a new state
+        self._drained = asyncio.Event()  # set when the window shrank
+        self._fd: int | None = None  # read-only, shared by readers
+        self._write_fd: int | None = None
         self._refs = 1  # the fetch task's own reference
-        # Bytes from here on are not on disk, only in _memory.
-        self._disk_end: int | None = None
+        # [offset, bytes) batches not on disk (or, uncached, not yet read by all).
         self._memory: collections.deque[tuple[int, bytes]] = collections.deque()
         self._memory_bytes = 0
+        self._fetched = False  # upstream body complete
+        self._writer: asyncio.Task[None] | None = None
         self._readers: dict[int, int] = {}  # reader id -> its next offset
         self._dropped: set[int] = set()  # readers too slow to wait for
         self._reader_ids = itertools.count()
-        # The newest batch, so readers that are caught up need no pread.
-        self._recent_offset = 0
-        self._recent = b""
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"download {self.digest}")
@@ -125,8 +132,22 @@ class BlobDownload:
         if self.task is not None:
             self.task.cancel()
 
-    def acquire(self) -> None:
+    def attach(self) -> Reader:
+        """A new reader, counted from byte 0 until it starts streaming, so an
+        uncached window is not trimmed past it before it reads. The caller
+        must `close()` it."""
         self._refs += 1
+        reader = next(self._reader_ids)
+        self._readers[reader] = 0
+        return Reader(self, reader)
+
+    def _detach_reader(self, reader: int) -> None:
+        self._readers.pop(reader, None)
+        self._dropped.discard(reader)
+        if not self.cached:
+            self._trim_read()
+        self._signal_drained()
+        self.release()
 
     def release(self) -> None:
         self._refs -= 1
@@ -153,80 +174,68 @@ class BlobDownload:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    def _signal_drained(self) -> None:
+        drained, self._drained = self._drained, asyncio.Event()
+        drained.set()
+
     def _readable(self) -> int:
         """How many bytes readers may send now."""
         if self.verified:
-            return self.written
-        if self.size is not None and self.written < self.size:
-            return self.written
+            return self.received
+        if self.size is not None and self.received < self.size:
+            return self.received
         # The final byte waits for verification (or the size is unknown and
         # any byte could be the last one).
-        return max(0, self.written - 1)
+        return max(0, self.received - 1)
 
-    async def stream(
-        self, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        """Bytes from `start` as they become available.
+    async def _stream(
+        self, reader: int, start: int, end: int | None
+    ) -> AsyncIterator[bytes | memoryview]:
+        """See Reader.stream."""
+        offset = start
+        if reader in self._readers:
+            self._readers[reader] = start
+        while True:
+            if reader in self._dropped:
+                raise UpstreamUnavailable("client too slow for an uncached blob")
+            limit = self._readable() if end is None else min(end, self._readable())
+            if offset < limit:
+                data = await self._read(offset, min(limit - offset, READ_CHUNK))
+                offset += len(data)
+                if reader in self._readers:  # not dropped meanwhile
+                    self._readers[reader] = offset
+                if not self.cached:
+                    self._trim_read()
+                yield data
+                continue
+            if end is not None and offset >= end:
+                return
+            if end is None and self.verified and offset >= self.received:
+                return
+            if self.error is not None:
+                raise self.error
+            await self._changed.wait()
 
-        With `end` (exclusive) this is a range, sent as soon as its bytes are
-        in. Without it, the stream runs to the end of the blob and ends only
-        after the digest was verified.
+    async def _read(self, offset: int, length: int) -> bytes | memoryview:
+        """Up to `length` bytes at `offset`: from memory if there, else disk.
 
-        Raises the download's error (UpstreamError, DigestMismatch, ...) if it
-        fails before the stream is complete.
+        Memory is checked first and in the same event-loop step as the disk
+        bound, so a batch the writer drops meanwhile is always on disk.
         """
-        reader = next(self._reader_ids)
-        offset = self._readers[reader] = start
-        self._signal_consumed()  # a reader arrived: _hold() may trim now
-        try:
-            while True:
-                if reader in self._dropped:
-                    raise UpstreamUnavailable("client too slow for an uncached blob")
-                limit = self._readable() if end is None else min(end, self._readable())
-                if offset < limit:
-                    data = await self._read(offset, min(limit - offset, READ_CHUNK))
-                    offset += len(data)
-                    if reader in self._readers:  # not dropped meanwhile
-                        self._readers[reader] = offset
-                    self._signal_consumed()
-                    yield data
-                    continue
-                if end is not None and offset >= end:
-                    return
-                if end is None and self.verified and offset >= self.written:
-                    return
-                if self.error is not None:
-                    raise self.error
-                await self._changed.wait()
-        finally:
-            self._readers.pop(reader, None)
-            self._dropped.discard(reader)
-            self._signal_consumed()
-
-    def _signal_consumed(self) -> None:
-        consumed, self._consumed = self._consumed, asyncio.Event()
-        consumed.set()
-
-    async def _read(self, offset: int, length: int) -> bytes:
-        recent_end = self._recent_offset + len(self._recent)
-        if self._recent_offset <= offset < recent_end:
-            start = offset - self._recent_offset
-            return self._recent[start : start + length]
-        if self._disk_end is not None and offset >= self._disk_end:
-            return self._from_memory(offset, length)
+        for start, data in reversed(self._memory):  # readers are mostly near the end
+            if start <= offset < start + len(data):
+                at = offset - start
+                if at == 0 and length >= len(data):
+                    return data  # the whole batch: no copy
+                return memoryview(data)[at : at + length]
+        if offset >= self.on_disk:
+            # Only for a reader the uncached window was trimmed past, which
+            # the reader-paced trimming prevents for attached readers.
+            raise UpstreamUnavailable("reader fell behind an uncached download")
         if self._fd is None:
             raise UpstreamUnavailable("download lost its file")
-        if self._disk_end is not None:
-            length = min(length, self._disk_end - offset)
+        length = min(length, self.on_disk - offset)
         return await asyncio.to_thread(os.pread, self._fd, length, offset)
-
-    def _from_memory(self, offset: int, length: int) -> bytes:
-        for start, data in self._memory:
-            if start <= offset < start + len(data):
-                return data[offset - start : offset - start + length]
-        # Only possible for a reader the window was trimmed past, which the
-        # backpressure in _hold() prevents for attached readers.
-        raise UpstreamUnavailable("reader fell behind an uncached download")
 
     # --- the fetch task -----------------------------------------------------------
 
@@ -234,27 +243,29 @@ class BlobDownload:
         ctx = self._ctx
         temp = ctx.blobs.temp_path()
         ctx.metrics.downloads_in_progress.inc()
-        write_fd: int | None = None
         try:
-            write_fd = await asyncio.to_thread(
+            self._write_fd = await asyncio.to_thread(
                 os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
             )
             self._fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
+            self._writer = asyncio.create_task(self._write_behind(temp))
             hasher = self.digest.hasher()
-            await self._fetch_resuming(write_fd, hasher, temp)
+            await self._fetch_resuming(hasher, temp)
             actual = Digest(self.digest.algorithm, hasher.hexdigest())
             if actual != self.digest:
                 raise DigestMismatch(str(self.digest), str(actual))
-            await asyncio.to_thread(os.close, write_fd)
-            write_fd = None
+            # Verified: readers may finish now; caching it is our business.
+            self.verified = True
+            self._fetched = True
+            self._notify()
+            await self._writer  # the rest of the window goes to disk
             if self.cached:
                 await self._commit(temp)
-            self.verified = True
             log.info(
                 "%s blob %s (%d bytes) for %s",
                 "cached" if self.cached else "streamed uncached",
                 self.digest,
-                self.written,
+                self.received,
                 self.repository,
             )
         except BaseException as exc:
@@ -270,20 +281,63 @@ class BlobDownload:
                 "download of blob %s for %s failed after %d bytes: %s",
                 self.digest,
                 self.repository,
-                self.written,
+                self.received,
                 self.error,
             )
-            if write_fd is not None:
-                os.close(write_fd)
+            if self._writer is not None:
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
             await asyncio.shield(ctx.blobs.discard(temp))
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
             ctx.metrics.downloads_in_progress.dec()
             self._on_detach(self)
             self._started.set()
             self._notify()
             self.release()
+
+    async def _write_behind(self, temp: Path) -> None:
+        """Append the window to the temp file, oldest batch first, until the
+        body is complete and on disk, or the download goes uncached.
+
+        A write error (a full disk, or worse) costs the cache entry, not the
+        clients: the download goes on uncached.
+        """
+        while self.cached:
+            if not self._memory:
+                if self._fetched:
+                    return
+                await self._changed.wait()
+                continue
+            offset, data = self._memory[0]
+            try:
+                await asyncio.to_thread(_write_all, self._write_fd, data)
+            except OSError as exc:
+                if not _is_disk_full(exc):
+                    log.error("writing blob %s failed: %s", self.digest, exc)
+                await self._go_uncached(
+                    "disk_full" if _is_disk_full(exc) else "store_error", temp
+                )
+                return
+            # Written: readers find these bytes on disk from now on.
+            self.on_disk = offset + len(data)
+            self._memory.popleft()
+            self._memory_bytes -= len(data)
+            self._signal_drained()
+
+    def _trim_read(self) -> None:
+        """Uncached: drop batches every attached reader has passed."""
+        if not self._readers:
+            return
+        slowest = min(self._readers.values())
+        while self._memory and _end(self._memory[0]) <= slowest:
+            _, data = self._memory.popleft()
+            self._memory_bytes -= len(data)
+            self._signal_drained()
 
     async def _commit(self, temp: Path) -> None:
         """Move the verified file into the store and record it.
@@ -293,9 +347,14 @@ class BlobDownload:
         """
         ctx = self._ctx
         try:
+            if self._write_fd is not None:
+                await asyncio.to_thread(os.close, self._write_fd)
+                self._write_fd = None
             await ctx.blobs.commit(temp, self.digest)
             try:
-                await ctx.metadata.add_blob(str(self.digest), self.written, ctx.clock())
+                await ctx.metadata.add_blob(
+                    str(self.digest), self.received, ctx.clock()
+                )
             except sqlite3.Error:
                 await ctx.blobs.delete(self.digest)  # no file without a row
                 raise
@@ -306,13 +365,13 @@ class BlobDownload:
             ctx.metrics.uncached_downloads.labels(reason).inc()
             log.error("could not cache blob %s: %s", self.digest, exc)
             return
-        ctx.evictor.added(self.written)
+        ctx.evictor.added(self.received)
 
-    async def _fetch_resuming(self, fd: int, hasher: Hasher, temp: Path) -> None:
+    async def _fetch_resuming(self, hasher: Hasher, temp: Path) -> None:
         resumes = 0
         while True:
             try:
-                await self._fetch(fd, hasher, temp)
+                await self._fetch(hasher, temp)
                 return
             except _BodyCut as cut:
                 if resumes >= self._ctx.resume_attempts:
@@ -322,22 +381,22 @@ class BlobDownload:
                 log.info(
                     "upstream cut blob %s at byte %d of %s (%s); resuming (%d/%d)",
                     self.digest,
-                    self.written,
+                    self.received,
                     self.size,
                     cut.detail,
                     resumes,
                     self._ctx.resume_attempts,
                 )
 
-    async def _fetch(self, fd: int, hasher: Hasher, temp: Path) -> None:
-        """One upstream request, from byte `written` on.
+    async def _fetch(self, hasher: Hasher, temp: Path) -> None:
+        """One upstream request, from byte `received` on.
 
         Raises _BodyCut if the body ends early (resumable), UpstreamError if
         upstream refuses, DigestMismatch if the body is longer than declared
         or upstream changed its size.
         """
         async with self._ctx.upstream.blob(
-            self.repository, str(self.digest), offset=self.written
+            self.repository, str(self.digest), offset=self.received
         ) as resp:
             if self.size is None:
                 self.size = resp.size
@@ -348,22 +407,17 @@ class BlobDownload:
                     str(self.digest), f"size changed from {self.size} to {resp.size}"
                 )
             # A 200 to a Range request restarts at 0: skip what we have.
-            await self._copy(resp.content, fd, hasher, temp, self.written - resp.offset)
-        if self.size is not None and self.written < self.size:
+            await self._copy(resp.content, hasher, self.received - resp.offset)
+        if self.size is not None and self.received < self.size:
             raise _BodyCut(
                 "upstream blob body cut short",
-                {"received": self.written, "expected": self.size},
+                {"received": self.received, "expected": self.size},
             )
 
     async def _copy(
-        self,
-        content: aiohttp.StreamReader,
-        fd: int,
-        hasher: Hasher,
-        temp: Path,
-        skip: int,
+        self, content: aiohttp.StreamReader, hasher: Hasher, skip: int
     ) -> None:
-        """Hash and append the body, publishing progress as it goes.
+        """Hash the body into the window, publishing progress as it goes.
 
         Raises _BodyCut if reading fails, DigestMismatch if the body runs
         past the declared size.
@@ -375,7 +429,7 @@ class BlobDownload:
                 if not data:
                     return
                 parts = [data]
-                # Take what else is already buffered, to write in one call.
+                # Take what else is already buffered, to hash in one call.
                 while sum(map(len, parts)) < READ_CHUNK and (
                     more := content.read_nowait()
                 ):
@@ -386,52 +440,45 @@ class BlobDownload:
                     batch, skip = batch[skip:], max(0, skip - len(batch))
                     if not batch:
                         continue
-                await self._store(batch, fd, hasher, temp)
-                self._recent_offset, self._recent = self.written, batch
-                self.written += len(batch)
-                if self.size is not None and self.written > self.size:
+                # hashlib releases the GIL: this runs beside the event loop.
+                if not os.environ.get("XX_NOHASH"):
+                    await asyncio.to_thread(hasher.update, batch)
+                self._memory.append((self.received, batch))
+                self._memory_bytes += len(batch)
+                self.received += len(batch)
+                if self.size is not None and self.received > self.size:
                     raise DigestMismatch(str(self.digest), "body longer than declared")
                 if self._readable() > 0:
                     self._started.set()
                 self._notify()
+                await self._within_window()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _BodyCut(
                 "upstream blob body cut short",
-                {"received": self.written, "error": str(exc) or type(exc).__name__},
+                {"received": self.received, "error": str(exc) or type(exc).__name__},
             ) from exc
 
-    async def _store(self, batch: bytes, fd: int, hasher: Hasher, temp: Path) -> None:
-        """Hash `batch` and put it on disk, or in memory once uncached."""
-        if self._disk_end is None:
-            try:
-                await asyncio.to_thread(_hash_and_write, hasher, fd, batch)
-                return
-            except OSError as exc:
-                if not _is_disk_full(exc):
-                    raise
-                # The batch is hashed; how much of it reached the disk is
-                # unknown, so it is kept in memory from its first byte.
-                await self._go_uncached("disk_full", temp)
-        else:
-            await asyncio.to_thread(hasher.update, batch)
-        await self._hold(batch)
-
-    async def _hold(self, batch: bytes) -> None:
-        """Keep a batch in memory; wait while the readers lag too far behind."""
-        self._memory.append((self.written, batch))
-        self._memory_bytes += len(batch)
-        while self._memory_bytes > MEMORY_WINDOW:
-            if not self._readers and (self._refs <= 1 or self._dropped):
+    async def _within_window(self) -> None:
+        """Wait while the window is over `WINDOW`: for the writer, or when
+        uncached, for the slowest reader (dropping one stalled too long)."""
+        while self._memory_bytes > WINDOW:
+            if self.cached:
+                if self._writer is not None and self._writer.done():
+                    self._writer.result()  # raises its error
+                    continue  # it went uncached: pace by readers now
+                await self._drained.wait()
+                continue
+            if not self._readers:
                 raise UpstreamUnavailable("no client is reading an uncached download")
-            slowest = min(self._readers.values(), default=0)
-            while self._memory and _end(self._memory[0]) <= slowest:
-                _, dropped = self._memory.popleft()
-                self._memory_bytes -= len(dropped)
-            if self._memory_bytes > MEMORY_WINDOW:
-                try:
-                    async with asyncio.timeout(self._ctx.reader_timeout):
-                        await self._consumed.wait()
-                except TimeoutError:
+            self._trim_read()
+            if self._memory_bytes <= WINDOW:
+                return
+            slowest = min(self._readers.values(), default=None)
+            try:
+                async with asyncio.timeout(self._ctx.reader_timeout):
+                    await self._drained.wait()
+            except TimeoutError:
+                if slowest is not None:
                     self._drop_readers_at(slowest)
 
     def _drop_readers_at(self, offset: int) -> None:
@@ -440,6 +487,7 @@ class BlobDownload:
         for reader in stuck:
             del self._readers[reader]
             self._dropped.add(reader)
+        self._trim_read()
         log.warning(
             "dropped %d client(s) stalled at byte %d of uncached blob %s",
             len(stuck),
@@ -448,9 +496,8 @@ class BlobDownload:
         )
 
     async def _go_uncached(self, reason: str, temp: Path) -> None:
-        """Stop caching: bytes from `written` on stay in memory only."""
+        """Stop caching: what is not on disk stays in memory until read."""
         self.cached = False
-        self._disk_end = self.written
         self._ctx.metrics.uncached_downloads.labels(reason).inc()
         log.warning(
             "blob %s for %s is streamed without caching (%s, %s bytes)",
@@ -460,8 +507,56 @@ class BlobDownload:
             self.size,
         )
         self._on_detach(self)  # new readers start their own download
+        self._trim_read()
+        self._signal_drained()
         # Free the disk now; readers keep reading the prefix through the fd.
         await self._ctx.blobs.discard(temp)
+
+
+class Reader:
+    """One client's view of a download: `stream()` its bytes, then `close()`."""
+
+    def __init__(self, download: BlobDownload, reader: int) -> None:
+        self.download = download
+        self._id = reader
+        self._closed = False
+
+    @property
+    def size(self) -> int | None:
+        return self.download.size
+
+    @property
+    def digest(self) -> Digest:
+        return self.download.digest
+
+    def stream(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes | memoryview]:
+        """Bytes from `start` as they become available.
+
+        With `end` (exclusive) this is a range, sent as soon as its bytes are
+        in. Without it, the stream runs to the end of the blob and ends only
+        after the digest was verified.
+
+        Raises the download's error (UpstreamError, DigestMismatch, ...) if it
+        fails before the stream is complete.
+        """
+        return self.download._stream(self._id, start, end)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.download._detach_reader(self._id)
+
+
+def _write_all(fd: int | None, data: bytes) -> None:
+    if os.environ.get("XX_NOWRITE"):
+        return
+    if fd is None:
+        raise OSError(errno.EBADF, "download's temp file is closed")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -472,14 +567,6 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 def _end(batch: tuple[int, bytes]) -> int:
     return batch[0] + len(batch[1])
-
-
-def _hash_and_write(hasher: Hasher, fd: int, data: bytes) -> None:
-    # hashlib and os.write release the GIL: this runs beside the event loop.
-    hasher.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class _BodyCut(UpstreamUnavailable):

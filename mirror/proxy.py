@@ -36,7 +36,7 @@ from cachetools import LRUCache
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.metadata import MetadataStore, TagRecord
-from mirror.download import BlobDownload, DownloadContext
+from mirror.download import BlobDownload, DownloadContext, Reader
 from mirror.errors import (
     DigestInvalid,
     DigestMismatch,
@@ -55,6 +55,8 @@ from mirror.upstream.client import (
 log = logging.getLogger(__name__)
 
 # Upper bound of one read from a download's temp file for one client.
+# Seconds a verified download may take to reach the store at shutdown.
+SHUTDOWN_GRACE = 10.0
 # Tag records kept in memory.
 TAG_MEMORY = 65536
 # Bytes of manifests kept in memory for hot tags and digests.
@@ -145,9 +147,25 @@ class PullThroughCache:
         self._downloads: dict[Digest, BlobDownload] = {}
         self._running: set[BlobDownload] = set()
 
+    async def idle(self) -> None:
+        """Wait until no download is running: every blob a client received
+        in full is in the store (or was not cacheable)."""
+        while self._running:
+            await asyncio.gather(
+                *(d.task for d in list(self._running) if d.task),
+                return_exceptions=True,
+            )
+
     async def close(self) -> None:
-        """Stop every download and shared fetch in flight (shutdown)."""
+        """Stop every download and shared fetch in flight (shutdown).
+
+        Downloads already verified are only writing and committing: they get
+        a few seconds to finish, so a blob clients received gets cached.
+        """
         running = list(self._running)
+        finishing = [d.task for d in running if d.verified and d.task]
+        if finishing:
+            await asyncio.wait(finishing, timeout=SHUTDOWN_GRACE)
         for download in running:
             download.cancel()
         await asyncio.gather(
@@ -315,10 +333,10 @@ class PullThroughCache:
 
     # --- blobs ----------------------------------------------------------------
 
-    async def blob(self, repository: str, digest: Digest) -> CachedBlob | BlobDownload:
+    async def blob(self, repository: str, digest: Digest) -> CachedBlob | Reader:
         """A cached blob, or a started download to read from.
 
-        The caller must `release()` a returned download when done with it.
+        The caller must `close()` a returned reader when done with it.
         Raises BlobUnknown, UpstreamError (before any byte is available).
         """
         download = self._downloads.get(digest)
@@ -343,13 +361,13 @@ class PullThroughCache:
                 )
         else:
             self.metrics.cache_requests.labels("blob", "joined").inc()
-        download.acquire()
+        reader = download.attach()
         try:
             await download.wait_started()
         except BaseException:
-            download.release()
+            reader.close()
             raise
-        return download
+        return reader
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:
         """The blob's size without fetching it (None if upstream won't say).

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from mirror.app import create_app
+from mirror.app import CACHE, create_app
 from mirror.config import Config, load_config
 from tests.fakes.registry import FakeRegistry
 
@@ -22,6 +22,11 @@ class Mirror:
     upstream: FakeRegistry
     config: Config
     clock: FakeClock
+
+    async def settle(self) -> None:
+        """Wait for downloads to reach the store: a client has every byte
+        once the digest matched, slightly before the blob is committed."""
+        await self.client.app[CACHE].idle()
 
 
 class FakeClock:

@@ -13,7 +13,7 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.api.errors import API_VERSION_HEADER
-from mirror.download import BlobDownload
+from mirror.download import Reader
 from mirror.errors import MirrorError, NameUnknown, RangeNotSatisfiable, Unsupported
 from mirror.metrics import Metrics
 from mirror.proxy import CachedBlob, Manifest, PullThroughCache
@@ -78,10 +78,10 @@ class RegistryHandlers:
                 headers[CACHE_HEADER] = "miss"
                 return await self._stream_download(request, source, headers)
             finally:
-                source.release()
+                source.close()
 
     async def _stream_download(
-        self, request: web.Request, download: BlobDownload, headers: dict[str, str]
+        self, request: web.Request, download: Reader, headers: dict[str, str]
     ) -> web.StreamResponse:
         """Send a blob while it downloads; abort the response if it fails."""
         size = download.size

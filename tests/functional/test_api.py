@@ -77,6 +77,7 @@ async def test_metrics_count_requests_cache_results_and_upstream_bytes(
     for _ in range(2):
         resp = await mirror.client.get(f"/v2/library/app/blobs/{image.layers[0]}")
         assert len(await resp.read()) == 5000
+        await mirror.settle()
     resp = await mirror.client.get("/metrics")
     assert resp.status == 200
     text = await resp.text()

@@ -59,6 +59,7 @@ async def test_blob_miss_then_hit_costs_one_upstream_get(
         assert resp.status == 200
         assert resp.headers["X-Mirror-Cache"] == expected_cache
         assert await resp.read() == data
+        await mirror.settle()
         assert resp.headers["Docker-Content-Digest"] == digest
     assert upstream.count("blob", "GET") == 1
 

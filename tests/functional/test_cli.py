@@ -74,6 +74,7 @@ async def pull(mirror: Mirror, repository: str, reference: str) -> list[str]:
         blob = await mirror.client.get(f"/v2/{repository}/blobs/{digest}")
         assert blob.status == 200
         await blob.read()
+    await mirror.settle()
     return blobs
 
 
@@ -241,6 +242,7 @@ async def test_purge_repository_removes_only_what_nothing_else_uses(
     make_mirror: MirrorFactory, cli: Cli
 ) -> None:
     mirror, upstream, a, b, shared = await two_images_sharing_a_layer(make_mirror)
+    await mirror.settle()
     assert files(mirror) == set(a.blobs) | set(b.blobs)
 
     status, report = await cli_json(cli, "purge", "a", "--cache-dir", cache_dir(mirror))
@@ -256,6 +258,7 @@ async def test_purge_repository_removes_only_what_nothing_else_uses(
     assert {blob["digest"] for blob in report["blobs"]} == gone
     assert report["freed"] == sum(len(upstream.blobs[d]) for d in gone)
     # Exactly those files and rows left; the shared layer survived.
+    await mirror.settle()
     assert files(mirror) == set(b.blobs)
     assert blob_rows(mirror) == set(b.blobs)
     assert shared in files(mirror)
@@ -324,6 +327,7 @@ async def test_purge_tag_keeps_what_other_tags_of_the_repository_need(
     status, report = await cli_json(cli, "purge", "app:2", *args)
     assert status == 0
     assert [m["digest"] for m in report["manifests"]] == [two.digest]
+    await mirror.settle()
     assert files(mirror) == set(one.blobs)
 
     # `latest` still points at what `1` does: only the tag goes.
@@ -333,6 +337,7 @@ async def test_purge_tag_keeps_what_other_tags_of_the_repository_need(
         {"repository": "library/app", "tag": "1", "digest": one.digest}
     ]
     assert report["links"] == report["manifests"] == report["blobs"] == []
+    await mirror.settle()
     assert files(mirror) == set(one.blobs)
     assert rows(mirror, "SELECT tag FROM tags") == {("latest",)}
 
@@ -362,6 +367,7 @@ async def test_purge_of_an_index_tag_removes_every_platform(
     assert manifests == {index, amd.digest, arm.digest}
     links = {link["digest"] for link in report["links"]}
     assert links == {index, amd.digest, arm.digest}
+    await mirror.settle()
     assert files(mirror) == set(keep.blobs)
     assert rows(mirror, "SELECT DISTINCT manifest FROM manifest_refs") == {
         (keep.digest,)
@@ -392,6 +398,7 @@ async def test_purge_older_than_removes_what_was_not_used_since(
     status, report = await cli_json(cli, *args)
     assert status == 0
     assert [m["digest"] for m in report["manifests"]] == [old.digest]
+    await mirror.settle()
     assert files(mirror) == set(new.blobs)
     assert new.layers[1] in files(mirror)  # shared, and used lately
     assert rows(mirror, "SELECT repository FROM tags") == {("library/new",)}
@@ -426,9 +433,11 @@ async def test_purge_older_than_also_removes_blobs_not_read_since(
     assert status == 0
     assert report["manifests"] == []
     assert {b["digest"] for b in report["blobs"]} == set(image.layers)
+    await mirror.settle()
     assert files(mirror) == {image.config_digest}
     # The next pull fetches them again.
     await pull(mirror, "library/app", image.digest)
+    await mirror.settle()
     assert files(mirror) == set(image.blobs)
 
 
@@ -492,6 +501,7 @@ async def test_gc_evicts_least_recently_used_down_to_the_low_watermark(
     assert report["evicted"] == 2  # the first image's config and layer
     assert report["size_after"] == size_of(upstream, second)
     assert report["target"] == int((total - 1) * 0.6)
+    await mirror.settle()
     assert files(mirror) == blob_rows(mirror) == set(second.blobs)
 
     status, out, _ = await cli(*args)
@@ -526,6 +536,7 @@ async def test_verify_removes_a_corrupt_blob_and_exits_1(
     assert "verifying: 3/3 blobs" in err  # the final progress line (not a TTY)
     # The log line (on stderr outside pytest) names it.
     assert f"blob {bad} does not match its digest; removed" in caplog.messages
+    await mirror.settle()
     assert files(mirror) == blob_rows(mirror) == set(image.blobs) - {bad}
 
     status, report = await cli_json(cli, *args)
@@ -609,6 +620,7 @@ async def test_warm_then_pull_costs_no_upstream_blob_request(
     assert "1 manifest, 3 blobs" in lines[0]
     assert lines[1].startswith("ok      grafana/grafana:latest ")
     assert lines[2].startswith("warmed 2 of 2 images: ")
+    await mirror.settle()
     assert files(mirror) == set(image.blobs) | set(app.blobs)
 
     before = upstream.count("blob", "GET")
@@ -634,6 +646,7 @@ async def test_warm_by_digest_and_json(make_mirror: MirrorFactory, cli: Cli) -> 
     assert result["blobs"] == 2
     assert result["bytes"] == size_of(upstream, image)
     assert result["error"] is None
+    await mirror.settle()
     assert files(mirror) == set(image.blobs)
 
 
@@ -654,12 +667,14 @@ async def test_warm_platform_fetches_only_that_platform(
     assert "2 manifests, 2 blobs" in out  # the index and arm64's manifest
     fetched = {r.path.rsplit("/", 1)[1] for r in upstream.requests("blob", "GET")}
     assert fetched == set(arm.blobs)
+    await mirror.settle()
     assert files(mirror) == set(arm.blobs)
 
     # Without --platform, every platform.
     status, out, _ = await cli("warm", "multi", "--mirror", mirror_url(mirror))
     assert status == 0
     assert "3 manifests, 4 blobs" in out
+    await mirror.settle()
     assert files(mirror) == set(amd.blobs) | set(arm.blobs)
 
     status, out, _ = await cli(
@@ -688,6 +703,7 @@ async def test_warm_from_a_list_reports_failures_and_exits_1(
     assert lines[1].startswith("FAILED  nope/missing:1: manifest nope/missing:1: 404")
     assert lines[2].startswith("warmed 1 of 2 images: ")
     assert lines[2].endswith("; 1 failed")
+    await mirror.settle()
     assert files(mirror) == set(image.blobs)
 
 
@@ -704,6 +720,7 @@ async def test_warm_finds_the_mirror_from_server_listen(
     status, out, _ = await cli("warm", "alpine", "--config", str(config))
 
     assert status == 0, out
+    await mirror.settle()
     assert files(mirror) == set(image.blobs)
 
 

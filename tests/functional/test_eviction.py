@@ -26,7 +26,9 @@ def store_bytes(mirror: Mirror) -> int:
 async def get(mirror: Mirror, digest: str) -> bytes:
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     assert resp.status == 200
-    return await resp.read()
+    data = await resp.read()
+    await mirror.settle()  # in the store now, as eviction sees it
+    return data
 
 
 async def metric(mirror: Mirror, name: str) -> float:

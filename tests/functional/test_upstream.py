@@ -274,6 +274,7 @@ async def test_cut_blob_is_resumed_with_range(make_mirror: MirrorFactory) -> Non
     assert gets[1].headers["Range"].startswith("bytes=")
     assert int(gets[1].headers["Range"][6:-1]) > 0
     assert await metric(mirror, "mirror_blob_resumes_total") == 1
+    await mirror.settle()
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     assert resp.headers["X-Mirror-Cache"] == "hit"
 
