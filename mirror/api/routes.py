@@ -11,6 +11,7 @@ from mirror.api.errors import Handler
 from mirror.api.handlers import RegistryHandlers
 from mirror.metrics import Metrics
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 Middleware = Any  # aiohttp's middleware type is not exported in a stable form
 
 # A repository name has slashes; the regex is greedy, so the last
@@ -36,6 +37,10 @@ def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
 
 def metrics_middleware(metrics: Metrics) -> Middleware:
     """Count and time every request by route name, method and status."""
+    # labels() costs a lock and a tuple lookup per call; the combinations are
+    # few, so the children are looked up once and kept.
+    counters: dict[tuple[str, str, int], Any] = {}
+    timers: dict[str, Any] = {}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -47,7 +52,18 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
             status = response.status
             return response
         finally:
-            metrics.http_requests.labels(route, request.method, str(status)).inc()
-            metrics.http_duration.labels(route).observe(time.perf_counter() - started)
+            # Any token is a method to HTTP; keep the label set bounded.
+            method = request.method if request.method in _METHODS else "other"
+            key = (route, method, status)
+            counter = counters.get(key)
+            if counter is None:
+                counter = counters[key] = metrics.http_requests.labels(
+                    route, method, str(status)
+                )
+            counter.inc()
+            timer = timers.get(route)
+            if timer is None:
+                timer = timers[route] = metrics.http_duration.labels(route)
+            timer.observe(time.perf_counter() - started)
 
     return middleware
