@@ -418,16 +418,9 @@ class Publisher:
         to: Upstream | None = None,
     ) -> Published:
         """Build a single-platform linux/amd64 image, push it as repository:tag."""
-        layout = await asyncio.to_thread(
-            build_image,
-            self._workdir / uuid.uuid4().hex,
-            tag=tag,
-            seed=repository,
-            flavour=flavour,
-            layer_sizes=layer_sizes,
+        return await self._publish(
+            build_image, repository, tag, flavour, layer_sizes, to
         )
-        await (to or self._upstream).push(layout, repository, tag)
-        return Published(repository=repository, tag=tag, layout=layout)
 
     async def multiarch(
         self,
@@ -439,8 +432,21 @@ class Publisher:
         to: Upstream | None = None,
     ) -> Published:
         """Build a linux/amd64 + linux/arm64 index, push it as repository:tag."""
+        return await self._publish(
+            build_multiarch, repository, tag, flavour, layer_sizes, to
+        )
+
+    async def _publish(
+        self,
+        build: Callable[..., Layout],
+        repository: str,
+        tag: str,
+        flavour: Flavour,
+        layer_sizes: list[int] | None,
+        to: Upstream | None,
+    ) -> Published:
         layout = await asyncio.to_thread(
-            build_multiarch,
+            build,
             self._workdir / uuid.uuid4().hex,
             tag=tag,
             seed=repository,
