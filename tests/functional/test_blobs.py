@@ -102,6 +102,7 @@ async def test_corrupt_blob_is_never_cached_nor_completed(
     upstream.gate.set()
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
+    await mirror.settle()
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
 
     upstream.corrupt.clear()
@@ -141,6 +142,7 @@ async def test_truncated_upstream_body_aborts_clients_and_caches_nothing(
     upstream.gate.set()
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
+    await mirror.settle()  # the failed download has cleaned up after itself
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
     assert not any(mirror.config.cache.dir.glob("tmp/*"))
 
@@ -324,6 +326,7 @@ async def test_every_client_attached_to_a_corrupt_download_is_cut_short(
     results = await asyncio.gather(*pulls)
     assert "complete" not in results
     assert "cut short" in results
+    await mirror.settle()
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
 
 
@@ -338,4 +341,5 @@ async def test_wrong_small_body_is_an_error_not_a_complete_response(
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     assert resp.status == 503
     assert json.loads(await resp.read())["errors"][0]["code"] == "UNAVAILABLE"
+    await mirror.settle()
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))

@@ -130,6 +130,7 @@ async def test_blob_larger_than_the_budget_streams_through_uncached(
         assert sha256(received) == digest
     assert upstream.count("blob", "GET") == 2
     assert store_bytes(mirror) == 0
+    await mirror.settle()
     assert not any(mirror.config.cache.dir.glob("tmp/*"))
     too_large = 'mirror_uncached_downloads_total{reason="too_large"}'
     assert await metric(mirror, too_large) == 2
