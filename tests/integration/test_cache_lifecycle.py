@@ -281,6 +281,12 @@ async def test_kill_mid_download_then_restart_reconciles_files_and_rows(
         fetched = await get_blob(http, first, repo, digest)
         assert fetched.status == 200
         assert sha256_of(fetched.body) == digest
+    # A blob is committed just after its last byte is sent.
+    await eventually(
+        lambda: {gone, kept} <= cache.rows().keys() and not cache.tmp_files(),
+        what="the small blobs are committed",
+        detail=lambda: f"rows {cache.rows()}, tmp {cache.tmp_files()}",
+    )
 
     url = f"{first.url}/v2/{big_image.repository}/blobs/{big}"
     async with http.get(url) as response:
@@ -387,7 +393,12 @@ async def test_full_disk_streams_the_blob_whole_and_caches_nothing_of_it(
     config = big_image.single.config.digest
     fetched = await get_blob(http, mirror, big_image.repository, config)
     assert (fetched.status, sha256_of(fetched.body)) == (200, config)
-    assert cache.blob_files() == {config: len(fetched.body)}
+    # A blob is committed just after its last byte is sent.
+    await eventually(
+        lambda: cache.blob_files() == {config: len(fetched.body)},
+        what="the small blob is cached",
+        detail=lambda: f"{cache.blob_files()}",
+    )
 
 
 async def test_full_disk_serves_every_attached_client_whole(
