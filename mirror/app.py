@@ -116,9 +116,7 @@ def create_app(
         logging.getLogger("mirror").setLevel(new.log.level.upper())
         evictor.trigger()
         changed = [
-            key
-            for key, _before, _after in _differences(current, new)
-            if key not in RELOADABLE_KEYS
+            key for key in _changed_keys(current, new) if key not in RELOADABLE_KEYS
         ]
         current = new
         return changed
@@ -176,10 +174,10 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _differences(old: Config, new: Config) -> Iterator[tuple[str, object, object]]:
+def _changed_keys(old: Config, new: Config) -> Iterator[str]:
+    """`section.key` of every value that differs between two configs."""
     for section in dataclasses.fields(old):
         before, after = getattr(old, section.name), getattr(new, section.name)
         for key in dataclasses.fields(before):
-            a, b = getattr(before, key.name), getattr(after, key.name)
-            if a != b:
-                yield f"{section.name}.{key.name}", a, b
+            if getattr(before, key.name) != getattr(after, key.name):
+                yield f"{section.name}.{key.name}"

@@ -119,14 +119,14 @@ class BlobDownload:
         # [offset, bytes) batches not on disk (or, uncached, not yet read by all).
         self._memory: collections.deque[tuple[int, bytes]] = collections.deque()
         self._memory_bytes = 0
-        self._fetched = False  # upstream body complete
         self._writer: asyncio.Task[None] | None = None
         self._readers: dict[int, int] = {}  # reader id -> its next offset
         self._dropped: set[int] = set()  # readers too slow to wait for
         self._reader_ids = itertools.count()
 
-    def start(self) -> None:
+    def start(self) -> asyncio.Task[None]:
         self.task = asyncio.create_task(self._run(), name=f"download {self.digest}")
+        return self.task
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -256,7 +256,6 @@ class BlobDownload:
                 raise DigestMismatch(str(self.digest), str(actual))
             # Verified: readers may finish now; caching it is our business.
             self.verified = True
-            self._fetched = True
             self._notify()
             await self._writer  # the rest of the window goes to disk
             if self.cached:
@@ -309,7 +308,7 @@ class BlobDownload:
         """
         while self.cached:
             if not self._memory:
-                if self._fetched:
+                if self.verified:  # the whole body is in, and all written
                     return
                 await self._changed.wait()
                 continue
@@ -317,10 +316,11 @@ class BlobDownload:
             try:
                 await asyncio.to_thread(_write_all, self._write_fd, data)
             except OSError as exc:
-                if not _is_disk_full(exc):
+                disk_full = _is_disk_full(exc)
+                if not disk_full:
                     log.error("writing blob %s failed: %s", self.digest, exc)
                 await self._go_uncached(
-                    "disk_full" if _is_disk_full(exc) else "store_error", temp
+                    "disk_full" if disk_full else "store_error", temp
                 )
                 return
             # Written: readers find these bytes on disk from now on.

@@ -8,10 +8,10 @@ Policy:
   After that one upstream HEAD (which Docker Hub does not count as a pull)
   revalidates it; the manifest is fetched only if its digest is not cached.
   If upstream fails, the cached digest is served and counted as stale.
-* A blob miss starts one `BlobDownload`. Every request for that digest while it
-  runs attaches to it: the download streams into a temp file, and each
-  attached reader sends the client what is on disk, then follows live. The
-  download runs in its own task, so clients leaving do not stop it.
+* A blob miss starts one `BlobDownload` (download.py). Every request for that
+  digest while it runs attaches to it as a `Reader` and is sent the blob from
+  byte 0, then follows live. The download runs in its own task, so clients
+  leaving do not stop it.
 
 Concurrent work on one key is shared through `SingleFlight` (manifests, tag
 revalidations) or the `_downloads` map (blobs).
@@ -54,7 +54,6 @@ from mirror.upstream.client import (
 
 log = logging.getLogger(__name__)
 
-# Upper bound of one read from a download's temp file for one client.
 # Seconds a verified download may take to reach the store at shutdown.
 SHUTDOWN_GRACE = 10.0
 # Tag records kept in memory.
@@ -354,11 +353,9 @@ class PullThroughCache:
             )
             self._downloads[digest] = download
             self._running.add(download)
-            download.start()
-            if download.task is not None:
-                download.task.add_done_callback(
-                    lambda _t: self._running.discard(download)
-                )
+            download.start().add_done_callback(
+                lambda _t: self._running.discard(download)
+            )
         else:
             self.metrics.cache_requests.labels("blob", "joined").inc()
         reader = download.attach()
