@@ -92,9 +92,10 @@ def create_app(
         max_stale=config.cache.max_stale,
         resume_attempts=config.upstream.resume_attempts,
         reader_timeout=config.upstream.read_timeout,
+        max_downloads=config.upstream.max_downloads,
         clock=clock,
     )
-    handlers = RegistryHandlers(cache, metrics)
+    handlers = RegistryHandlers(cache, metrics, send_timeout=config.server.send_timeout)
 
     app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware])
     app[CACHE] = cache
@@ -139,9 +140,9 @@ def create_app(
             stack.push_async_callback(cache.close)
             evictor.trigger()  # the budget may have shrunk while we were down
             log.info(
-                "mirroring %s as %s into %s",
+                "mirroring %s (%s) into %s",
                 config.upstream.url,
-                config.upstream.username or "anonymous",
+                "with credentials" if config.upstream.username else "anonymously",
                 config.cache.dir,
             )
             yield

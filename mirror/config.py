@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -119,12 +120,22 @@ def parse_address(value: object) -> Address:
 
 
 def parse_url(value: object) -> str:
+    """An http(s) URL without credentials in it.
+
+    A `user:password@` part is refused without echoing the value: it would
+    otherwise end up in logs and on /readyz.
+    """
     if isinstance(value, str):
-        parts = urlsplit(value)
         try:
+            parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError for a bad port
         except ValueError:
-            raise ValueError(f"{value!r} has an invalid port") from None
+            raise ValueError("is not a valid URL (check the host and port)") from None
+        if "@" in parts.netloc:
+            raise ValueError(
+                "must not carry credentials (user:password@); set "
+                "upstream.username and upstream.password (or password_file)"
+            )
         if parts.scheme in {"http", "https"} and parts.hostname:
             return value.rstrip("/")
     raise ValueError(f"{value!r} is not an http(s) URL")
@@ -177,6 +188,13 @@ def parse_int(value: object) -> int:
     raise ValueError(f"{value!r} is not a whole number >= 0")
 
 
+def parse_positive_int(value: object) -> int:
+    number = parse_int(value)
+    if number < 1:
+        raise ValueError(f"{value!r} is not a whole number >= 1")
+    return number
+
+
 def parse_optional_duration(value: object) -> float | None:
     """A duration, or `unlimited` for no bound (None)."""
     if isinstance(value, str) and value.strip().lower() in {"unlimited", "none"}:
@@ -217,6 +235,21 @@ class ServerConfig:
         Address("0.0.0.0", 5000),  # noqa: S104 - all interfaces is the point
         "address and port to serve on",
     )
+    max_connections: int = _key(
+        parse_positive_int,
+        2048,
+        "client connections served at once; more get 503 and are closed",
+    )
+    header_timeout: float = _key(
+        parse_duration,
+        30.0,
+        "time a connection may take to send a request's headers (idle included)",
+    )
+    send_timeout: float = _key(
+        parse_duration,
+        60.0,
+        "longest a client may accept no response bytes before it is dropped",
+    )
 
 
 @dataclass(frozen=True)
@@ -238,6 +271,9 @@ class UpstreamConfig:
     password_file: Path | None = _key(
         parse_path, None, "file holding the password (instead of password)"
     )
+    ca_file: Path | None = _key(
+        parse_path, None, "PEM bundle trusted for upstream TLS besides the system's"
+    )
     trusted_realms: tuple[str, ...] = _key(
         parse_hosts,
         (),
@@ -258,6 +294,19 @@ class UpstreamConfig:
     )
     ratelimit_warn_below: int = _key(
         parse_int, 20, "log a warning when fewer pulls than this remain"
+    )
+    max_downloads: int = _key(
+        parse_positive_int, 64, "blob downloads at once; more wait in a queue"
+    )
+    max_connections: int = _key(
+        parse_positive_int,
+        32,
+        "connections for manifest, tag and token requests (apart from blobs)",
+    )
+    max_body_size: int = _key(
+        parse_size,
+        4 * 1024**2,
+        "largest manifest, tag list, token or error body read into memory",
     )
 
 
@@ -371,6 +420,7 @@ def load_config(
             values["dir"] = default_cache_dir(environ)
         sections[section] = cls(**values)
     sections["upstream"] = _read_password(sections["upstream"])
+    _check_ca_file(sections["upstream"].ca_file)
     if raw:
         raise ConfigError(f"unknown section [{sorted(raw)[0]}]")
 
@@ -425,3 +475,21 @@ def _read_password(upstream: UpstreamConfig) -> UpstreamConfig:
             else "upstream.password: set upstream.username too"
         )
     return dataclasses.replace(upstream, password=password)
+
+
+def _check_ca_file(path: Path | None) -> None:
+    """The CA bundle must load now, not at the first upstream request.
+
+    Raises ConfigError.
+    """
+    if path is None:
+        return
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except OSError as exc:
+        raise ConfigError(
+            f"upstream.ca_file: cannot read {path}: {exc.strerror}"
+        ) from None
+    except (ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or "no PEM certificates"
+        raise ConfigError(f"upstream.ca_file: {path}: {reason}") from None

@@ -20,10 +20,17 @@ Guarantees:
 * Memory is bounded: the window holds at most `WINDOW` bytes per download;
   when the disk (or, uncached, the slowest reader) falls that far behind,
   the fetch waits for it.
-* Not every blob can be cached: one larger than the cache's whole budget, or
-  one whose write hits a full disk (ENOSPC), is streamed through without
-  being cached. Then the window is trimmed by the slowest reader instead of
-  by the writer, and a reader stalled longer than `reader_timeout` is
+* Downloads are bounded: at most `DownloadSlots.limit` run at once
+  (`upstream.max_downloads`); the rest wait in a FIFO queue, and one whose
+  every reader left while it waited is dropped without asking upstream.
+* A download reserves its size in the cache budget while it runs (a blob of
+  unknown length reserves what it has received so far), so eviction makes
+  room ahead of it.
+* Not every blob can be cached: one larger than the cache's whole budget
+  (known from Content-Length, or found out as an unknown-length body grows
+  past it), or one whose write hits a full disk (ENOSPC), is streamed
+  through without being cached. Then the window is trimmed by the slowest
+  reader instead of by the writer, and a reader stalled longer than `reader_timeout` is
   dropped. Such a download takes no new readers (they start their own), and
   the temp file is removed at once, so nothing partial is left behind.
 """
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import itertools
 import logging
@@ -72,6 +80,33 @@ class BlobFetcher(Protocol):
     ) -> AbstractAsyncContextManager[BlobResponse]: ...
 
 
+class DownloadSlots:
+    """At most `limit` downloads fetch at once; the others queue, in order.
+
+    The queue length and each wait are exported as metrics, so an operator
+    sees when `upstream.max_downloads` is what pulls are waiting for.
+    """
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self._semaphore = asyncio.Semaphore(limit)
+        self._metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        started = time.monotonic()
+        self._metrics.downloads_queued.inc()
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._metrics.downloads_queued.dec()
+        self._metrics.download_queue_wait.observe(time.monotonic() - started)
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+
 @dataclass(frozen=True)
 class DownloadContext:
     """What every download needs; built once by the cache."""
@@ -82,6 +117,7 @@ class DownloadContext:
     metrics: Metrics
     evictor: Evictor
     resume_attempts: int
+    slots: DownloadSlots
     clock: Callable[[], float] = time.time
     # How long an uncached download waits for its slowest reader before
     # dropping it, so one stalled client cannot stall the others.
@@ -108,6 +144,8 @@ class BlobDownload:
         self.on_disk = 0  # bytes written to the temp file, a prefix
         self.verified = False
         self.cached = True  # False once it streams through uncached
+        self.queued = True  # waiting for a download slot
+        self._reserved = 0  # bytes of the cache budget held for this blob
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -148,6 +186,9 @@ class BlobDownload:
             self._trim_read()
         self._signal_drained()
         self.release()
+        if self.queued and self._refs == 1:
+            # Nobody waits for it any more: give the slot to someone who does.
+            self.cancel()
 
     def release(self) -> None:
         self._refs -= 1
@@ -240,6 +281,22 @@ class BlobDownload:
     # --- the fetch task -----------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            async with self._ctx.slots.slot():
+                self.queued = False
+                await self._download()
+        except asyncio.CancelledError:
+            if not self.queued:
+                raise
+            # Every reader left while it waited: nothing was asked upstream.
+            self.error = UpstreamUnavailable("download abandoned by its clients")
+            self._on_detach(self)
+            self._started.set()
+            self._notify()
+            self.release()
+            log.debug("queued download of %s dropped: no client left", self.digest)
+
+    async def _download(self) -> None:
         ctx = self._ctx
         temp = ctx.blobs.temp_path()
         ctx.metrics.downloads_in_progress.inc()
@@ -290,6 +347,7 @@ class BlobDownload:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            self._unreserve()
             if self._write_fd is not None:
                 os.close(self._write_fd)
                 self._write_fd = None
@@ -365,7 +423,18 @@ class BlobDownload:
             ctx.metrics.uncached_downloads.labels(reason).inc()
             log.error("could not cache blob %s: %s", self.digest, exc)
             return
+        self._unreserve()
         ctx.evictor.added(self.received)
+
+    def _reserve(self, size: int) -> None:
+        """Hold `size` more bytes of the cache budget for this blob."""
+        self._reserved += size
+        self._ctx.evictor.reserve(size)
+
+    def _unreserve(self) -> None:
+        if self._reserved:
+            self._ctx.evictor.reserve(-self._reserved)
+            self._reserved = 0
 
     async def _fetch_resuming(self, hasher: Hasher, temp: Path) -> None:
         resumes = 0
@@ -402,12 +471,14 @@ class BlobDownload:
                 self.size = resp.size
                 if self.size is not None and self.size > self._ctx.evictor.max_size:
                     await self._go_uncached("too_large", temp)
+                elif self.size is not None:
+                    self._reserve(self.size)
             elif resp.size is not None and resp.size != self.size:
                 raise DigestMismatch(
                     str(self.digest), f"size changed from {self.size} to {resp.size}"
                 )
             # A 200 to a Range request restarts at 0: skip what we have.
-            await self._copy(resp.content, hasher, self.received - resp.offset)
+            await self._copy(resp.content, hasher, self.received - resp.offset, temp)
         if self.size is not None and self.received < self.size:
             raise _BodyCut(
                 "upstream blob body cut short",
@@ -415,7 +486,7 @@ class BlobDownload:
             )
 
     async def _copy(
-        self, content: aiohttp.StreamReader, hasher: Hasher, skip: int
+        self, content: aiohttp.StreamReader, hasher: Hasher, skip: int, temp: Path
     ) -> None:
         """Hash the body into the window, publishing progress as it goes.
 
@@ -447,6 +518,11 @@ class BlobDownload:
                 self.received += len(batch)
                 if self.size is not None and self.received > self.size:
                     raise DigestMismatch(str(self.digest), "body longer than declared")
+                if self.size is None and self.cached:
+                    # Unknown length: the budget is taken as the body grows.
+                    self._reserve(len(batch))
+                    if self.received > self._ctx.evictor.max_size:
+                        await self._go_uncached("too_large", temp)
                 if self._readable() > 0:
                     self._started.set()
                 self._notify()
@@ -506,6 +582,7 @@ class BlobDownload:
             self.size,
         )
         self._on_detach(self)  # new readers start their own download
+        self._unreserve()
         self._trim_read()
         self._signal_drained()
         # Free the disk now; readers keep reading the prefix through the fd.

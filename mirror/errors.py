@@ -13,6 +13,7 @@ The tree::
     |   +-- DigestInvalid
     +-- RangeNotSatisfiable      a Range header outside the blob
     +-- Unsupported              a write, or a registry this mirror does not serve
+    +-- Overloaded               out of a local resource (file descriptors)
     +-- UpstreamError            upstream could not give us what we asked for
     |   +-- UpstreamUnavailable  refused, reset, timed out, 5xx, cut mid-body
     |   +-- UpstreamRateLimited  429 from upstream
@@ -80,6 +81,10 @@ class RangeNotSatisfiable(MirrorError):
 
 
 class Unsupported(MirrorError):
+    pass
+
+
+class Overloaded(MirrorError):
     pass
 
 

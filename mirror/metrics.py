@@ -135,3 +135,40 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_invalid = Counter(
+            "mirror_upstream_invalid_responses",
+            "Upstream responses refused because of what they carried, by "
+            "reason (media_type, encoding, too_large, token, token_realm).",
+            ["reason"],
+            registry=r,
+        )
+        self.downloads_queued = Gauge(
+            "mirror_blob_downloads_queued",
+            "Blob downloads waiting for one of upstream.max_downloads slots.",
+            registry=r,
+        )
+        self.download_queue_wait = Histogram(
+            "mirror_blob_download_queue_wait_seconds",
+            "Time a blob download waited for a slot before it started.",
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 30, 120),
+            registry=r,
+        )
+        self.http_connections = Gauge(
+            "mirror_http_connections",
+            "Client connections open right now.",
+            registry=r,
+        )
+        self.http_connections_rejected = Counter(
+            "mirror_http_connections_rejected",
+            "Client connections answered 503 and closed at once, by reason "
+            "(limit: server.max_connections reached; fds: out of file "
+            "descriptors).",
+            ["reason"],
+            registry=r,
+        )
+        self.http_send_timeouts = Counter(
+            "mirror_http_send_timeouts",
+            "Responses abandoned because the client accepted no bytes for "
+            "server.send_timeout.",
+            registry=r,
+        )

@@ -36,10 +36,12 @@ from cachetools import LRUCache
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.metadata import MetadataStore, TagRecord
-from mirror.download import BlobDownload, DownloadContext, Reader
+from mirror.download import BlobDownload, DownloadContext, DownloadSlots, Reader
 from mirror.errors import (
     DigestInvalid,
     DigestMismatch,
+    NotFound,
+    UpstreamDenied,
     UpstreamError,
 )
 from mirror.metrics import Metrics
@@ -60,6 +62,9 @@ SHUTDOWN_GRACE = 10.0
 TAG_MEMORY = 65536
 # Bytes of manifests kept in memory for hot tags and digests.
 MANIFEST_MEMORY = 64 * 1024 * 1024
+# How many repositories one request for a digest may ask upstream through:
+# its own, after joining fetches through others that upstream refused.
+_ATTEMPTS_ACROSS_REPOSITORIES = 3
 
 
 class Upstream(Protocol):
@@ -115,6 +120,7 @@ class PullThroughCache:
         max_stale: float | None = None,
         resume_attempts: int = 3,
         reader_timeout: float = 60.0,
+        max_downloads: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metadata = metadata
@@ -132,6 +138,7 @@ class PullThroughCache:
             metrics,
             evictor,
             resume_attempts,
+            DownloadSlots(max_downloads, metrics),
             clock,
             reader_timeout,
         )
@@ -141,6 +148,8 @@ class PullThroughCache:
         # Tag records, so a hot tag costs no database read.
         self._tags: LRUCache[tuple[str, str], TagRecord] = LRUCache(maxsize=TAG_MEMORY)
         self._manifest_fetches: SingleFlight[str, Manifest] = SingleFlight()
+        # The repository each manifest fetch in flight asks upstream through.
+        self._manifest_fetch_repository: dict[str, str] = {}
         self._tag_checks: SingleFlight[tuple[str, str], TagRecord] = SingleFlight()
         # Downloads new readers may join, and every download still running.
         self._downloads: dict[Digest, BlobDownload] = {}
@@ -220,9 +229,26 @@ class PullThroughCache:
             # A GET would count as a Docker Hub pull; a HEAD does not.
             info = await self.upstream.head_manifest(repository, key)
             return Manifest(key, info.media_type, info.size, None)
-        return await self._manifest_fetches.do(
-            key, lambda: self._fetch_manifest(repository, key, digest)
-        )
+        for _ in range(_ATTEMPTS_ACROSS_REPOSITORIES):
+            asked = self._manifest_fetch_repository.setdefault(key, repository)
+            try:
+                return await self._manifest_fetches.do(
+                    key, lambda: self._fetch_manifest_once(repository, key, digest)
+                )
+            except (NotFound, UpstreamDenied):
+                # Joined a fetch through a repository upstream refused: the
+                # digest may still exist in ours, so ask through ours.
+                if asked == repository:
+                    raise
+        return await self._fetch_manifest_once(repository, key, digest)
+
+    async def _fetch_manifest_once(
+        self, repository: str, key: str, digest: Digest
+    ) -> Manifest:
+        try:
+            return await self._fetch_manifest(repository, key, digest)
+        finally:
+            self._manifest_fetch_repository.pop(key, None)
 
     async def _fetch_manifest(
         self, repository: str, reference: str, expected: Digest | None
@@ -335,9 +361,33 @@ class PullThroughCache:
     async def blob(self, repository: str, digest: Digest) -> CachedBlob | Reader:
         """A cached blob, or a started download to read from.
 
+        A request that joined a download through another repository, which
+        upstream refused, asks again through its own repository.
+
         The caller must `close()` a returned reader when done with it.
         Raises BlobUnknown, UpstreamError (before any byte is available).
         """
+        for attempt in range(1, _ATTEMPTS_ACROSS_REPOSITORIES + 1):
+            source = self._blob_source(repository, digest)
+            if isinstance(source, CachedBlob):
+                return source
+            try:
+                await source.download.wait_started()
+            except (NotFound, UpstreamDenied):
+                source.close()
+                asked = source.download.repository
+                if asked == repository or attempt == _ATTEMPTS_ACROSS_REPOSITORIES:
+                    raise
+                continue
+            except BaseException:
+                source.close()
+                raise
+            return source
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _blob_source(self, repository: str, digest: Digest) -> CachedBlob | Reader:
+        """The cached file, or a reader of the download in flight (started
+        here if there is none). One event-loop step, no await."""
         download = self._downloads.get(digest)
         if download is None:
             # A stat of a cached dentry takes microseconds; doing it inline
@@ -358,13 +408,7 @@ class PullThroughCache:
             )
         else:
             self.metrics.cache_requests.labels("blob", "joined").inc()
-        reader = download.attach()
-        try:
-            await download.wait_started()
-        except BaseException:
-            reader.close()
-            raise
-        return reader
+        return download.attach()
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:
         """The blob's size without fetching it (None if upstream won't say).
@@ -408,7 +452,7 @@ class PullThroughCache:
         upstream = self.upstream.status()
         problems = []
         if upstream.credentials_rejected:
-            problems.append(f"upstream rejected the credentials of {upstream.identity}")
+            problems.append("upstream rejected the configured credentials")
         details: dict[str, object] = {
             "problems": problems,
             "upstream": dataclasses.asdict(upstream),

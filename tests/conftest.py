@@ -1,11 +1,15 @@
-"""Shared fixtures: a FakeRegistry upstream and a mirror app in front of it."""
+"""Shared fixtures: a FakeRegistry upstream and a mirror app in front of it,
+plus the network between them (a LatencyProxy, a test CA for TLS)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -13,7 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.app import CACHE, create_app
 from mirror.config import Config, load_config
+from tests.fakes.network import LatencyProxy
 from tests.fakes.registry import FakeRegistry
+from tests.fakes.tls import TlsFiles
 
 
 @dataclass
@@ -24,9 +30,16 @@ class Mirror:
     clock: FakeClock
 
     async def settle(self) -> None:
-        """Wait for downloads to reach the store: a client has every byte
-        once the digest matched, slightly before the blob is committed."""
-        await self.client.app[CACHE].idle()
+        """Wait for downloads to reach the store (a client has every byte
+        once the digest matched, slightly before the blob is committed) and
+        for handlers to let go of the blobs they sent (a client has every
+        byte slightly before the handler returns)."""
+        cache = self.client.app[CACHE]
+        await cache.idle()
+        for _ in range(1000):
+            if not cache.pins:
+                return
+            await asyncio.sleep(0.001)
 
 
 class FakeClock:
@@ -43,6 +56,31 @@ class FakeClock:
 
 
 MirrorFactory = Callable[..., Awaitable[Mirror]]
+ProxyFactory = Callable[..., LatencyProxy]
+# Given the upstream server, the URL the mirror is to use for it.
+Route = Callable[[TestServer], str]
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A test CA and a server certificate for 127.0.0.1/localhost/::1."""
+    return TlsFiles.create(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def latency_proxy() -> Iterator[ProxyFactory]:
+    """Start LatencyProxies (arguments as for ``LatencyProxy``); each is
+    stopped after the test, which fails if a proxy hit an internal error."""
+    started: list[LatencyProxy] = []
+
+    def start(target_port: int, **options: Any) -> LatencyProxy:
+        proxy = LatencyProxy(target_port, **options)
+        started.append(proxy.start())
+        return proxy
+
+    yield start
+    for proxy in reversed(started):
+        proxy.stop()
 
 
 @pytest.fixture
@@ -56,16 +94,28 @@ async def make_mirror(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     tmp_path: Path,
 ) -> MirrorFactory:
-    """Start a FakeRegistry (or use the given one) and a mirror in front of it."""
+    """Start a FakeRegistry (or use the given one) and a mirror in front of it.
+
+    ``server_ssl`` serves the registry over TLS; ``route`` turns its server
+    into the URL the mirror is given (e.g. a LatencyProxy's in front of it).
+    Other keyword arguments are config keys: ``upstream_read_timeout="1s"``.
+    """
     counter = 0
 
-    async def make(upstream: FakeRegistry | None = None, **settings: str) -> Mirror:
+    async def make(
+        upstream: FakeRegistry | None = None,
+        *,
+        server_ssl: ssl.SSLContext | None = None,
+        route: Route | None = None,
+        **settings: str,
+    ) -> Mirror:
         nonlocal counter
         counter += 1
         upstream = upstream or FakeRegistry()
-        server = await aiohttp_server(upstream.app())
+        server = await aiohttp_server(upstream.app(), ssl=server_ssl)
+        url = route(server) if route else str(server.make_url("")).rstrip("/")
         env = {
-            "MIRROR_UPSTREAM_URL": str(server.make_url("")).rstrip("/"),
+            "MIRROR_UPSTREAM_URL": url,
             "MIRROR_CACHE_DIR": str(tmp_path / f"cache{counter}"),
             # Retry at once: tests assert on request counts, not on waiting.
             "MIRROR_UPSTREAM_RETRY_BACKOFF": "0s",

@@ -60,6 +60,7 @@ EXCEPTION_CODES: tuple[tuple[type[errors.MirrorError], ErrorCode], ...] = (
     (errors.DigestInvalid, ErrorCode.DIGEST_INVALID),
     (errors.RangeNotSatisfiable, ErrorCode.RANGE_INVALID),
     (errors.Unsupported, ErrorCode.UNSUPPORTED),
+    (errors.Overloaded, ErrorCode.UNAVAILABLE),
     (errors.UpstreamRateLimited, ErrorCode.TOOMANYREQUESTS),
     (errors.UpstreamDenied, ErrorCode.DENIED),
     (errors.UpstreamError, ErrorCode.UNAVAILABLE),
@@ -99,6 +100,8 @@ def _response_for(exc: errors.MirrorError) -> web.Response:
         headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
     if isinstance(exc, errors.RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{exc.size}"
+    if isinstance(exc, errors.Overloaded):
+        headers["Retry-After"] = "1"
     return error_response(code, exc.message, exc.detail, headers)
 
 

@@ -2,24 +2,48 @@
 
 Nothing here decides what is cached; that is `PullThroughCache`. Input is
 validated against the distribution grammar before anything else happens.
+
+Blob bodies are sent by us, not by aiohttp's FileResponse, so that both
+paths (a cached file, a download in flight) answer Range the same way and
+both give up on a client that stops reading: no write may wait longer than
+`send_timeout` for the client to make room.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import re
+from typing import BinaryIO
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.api.errors import API_VERSION_HEADER
 from mirror.download import Reader
-from mirror.errors import MirrorError, NameUnknown, RangeNotSatisfiable, Unsupported
+from mirror.errors import (
+    MirrorError,
+    NameUnknown,
+    Overloaded,
+    RangeNotSatisfiable,
+    Unsupported,
+)
+from mirror.logutil import OncePer
 from mirror.metrics import Metrics
 from mirror.proxy import CachedBlob, Manifest, PullThroughCache
 from mirror.reference import parse_digest, parse_name, parse_reference
 
 log = logging.getLogger(__name__)
+
+# A cached blob is sent with sendfile in pieces, each sized to about this
+# long at the client's pace so far (within the bounds below): a piece that
+# takes send_timeout means the client stopped reading.
+_PIECE_SECONDS = 1.0
+_MIN_PIECE = 256 * 1024
+_MAX_PIECE = 16 * 1024 * 1024
+_RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
 # containerd tells a mirror which registry a request is for with ?ns=.
 MIRRORED_NAMESPACES = frozenset({"docker.io", "registry-1.docker.io"})
@@ -31,9 +55,13 @@ TAGS_PARAMS = ("n", "last")
 class RegistryHandlers:
     """The /v2/ endpoints and /metrics, over one PullThroughCache."""
 
-    def __init__(self, cache: PullThroughCache, metrics: Metrics) -> None:
+    def __init__(
+        self, cache: PullThroughCache, metrics: Metrics, *, send_timeout: float = 60.0
+    ) -> None:
         self.cache = cache
         self.metrics = metrics
+        self.send_timeout = send_timeout
+        self._fd_warning = OncePer(60.0)
 
     async def base(self, request: web.Request) -> web.Response:
         return web.json_response({}, headers=API_VERSION_HEADER)
@@ -68,36 +96,99 @@ class RegistryHandlers:
             source = await self.cache.blob(name, digest)
             if isinstance(source, CachedBlob):
                 headers[CACHE_HEADER] = "hit"
-                # FileResponse answers Range (206/416) and uses sendfile; it is
-                # sent here, inside the pin, rather than after we return.
-                response = _SentFileResponse(source.path, headers=headers)
-                await response.prepare(request)
-                self.metrics.served_bytes.labels("cache").inc(source.size)
-                return response
+                return await self._send_cached(request, source, headers)
             try:
                 headers[CACHE_HEADER] = "miss"
                 return await self._stream_download(request, source, headers)
             finally:
                 source.close()
 
+    async def _send_cached(
+        self, request: web.Request, blob: CachedBlob, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Send a cached file (or the requested range of it) with sendfile.
+
+        Raises RangeNotSatisfiable, Overloaded (out of file descriptors).
+        """
+        requested = _byte_range(request.headers.get("Range"), blob.size)
+        start, end = requested or (0, blob.size)
+        try:
+            file = await asyncio.to_thread(open, blob.path, "rb")
+        except OSError as exc:
+            if exc.errno in _OUT_OF_FDS:
+                if self._fd_warning.ready():
+                    log.warning("out of file descriptors serving cached blobs: %s", exc)
+                raise Overloaded("mirror is out of file descriptors") from None
+            raise
+        try:
+            response = _blob_response(headers, requested, blob.size)
+            await response.prepare(request)
+            await self._sendfile(request, file, start, end)
+            self.metrics.served_bytes.labels("cache").inc(end - start)
+            await response.write_eof()
+        except (ConnectionError, TimeoutError):
+            pass  # _sendfile logged and cut it; the client is gone
+        finally:
+            await asyncio.to_thread(file.close)
+        return response
+
+    async def _sendfile(
+        self, request: web.Request, file: BinaryIO, start: int, end: int
+    ) -> None:
+        """sendfile [start, end) in pieces sized to the client's pace.
+
+        Raises ConnectionError (client gone) or TimeoutError (client stalled;
+        the connection is aborted).
+        """
+        loop = asyncio.get_running_loop()
+        offset, piece = start, _MIN_PIECE
+        while offset < end:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("client left")
+            count = min(piece, end - offset)
+            began = loop.time()
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await loop.sendfile(transport, file, offset, count)
+            except TimeoutError:
+                self._stalled(request, "cached blob")
+                raise
+            offset += count
+            rate = count / max(loop.time() - began, 1e-6)
+            piece = int(min(_MAX_PIECE, max(_MIN_PIECE, rate * _PIECE_SECONDS)))
+
+    def _stalled(self, request: web.Request, what: str) -> None:
+        """The client accepted nothing for send_timeout: drop it."""
+        self.metrics.http_send_timeouts.inc()
+        log.info(
+            "dropped client %s: it read nothing of a %s for %ss",
+            request.remote,
+            what,
+            self.send_timeout,
+        )
+        if request.transport is not None:
+            request.transport.abort()
+
     async def _stream_download(
         self, request: web.Request, download: Reader, headers: dict[str, str]
     ) -> web.StreamResponse:
         """Send a blob while it downloads; abort the response if it fails."""
         size = download.size
-        start, end = 0, None  # the whole blob, complete only once verified
-        response = web.StreamResponse(headers=headers)
-        if size is not None and request.headers.get("Range"):
-            start, end = _byte_range(request, size)
-            response.set_status(206)
-            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        requested = None
         if size is not None:
-            response.content_length = (end or size) - start
+            requested = _byte_range(request.headers.get("Range"), size)
+            response = _blob_response(headers, requested, size)
+        else:
+            response = web.StreamResponse(headers=headers)
+        # Without a range: the whole blob, complete only once verified.
+        start, end = requested or (0, None)
         await response.prepare(request)
         served = self.metrics.served_bytes.labels("upstream")
         try:
             async for chunk in download.stream(start, end):
-                await response.write(chunk)
+                async with asyncio.timeout(self.send_timeout):
+                    await response.write(chunk)
                 served.inc(len(chunk))
         except MirrorError as exc:
             # Headers are gone; the only honest signal left is to cut the
@@ -110,6 +201,9 @@ class RegistryHandlers:
             )
             if request.transport is not None:
                 request.transport.abort()
+            return response
+        except TimeoutError:
+            self._stalled(request, "blob download")
             return response
         except ConnectionError:
             log.info("client %s left during blob %s", request.remote, download.digest)
@@ -177,32 +271,41 @@ def _manifest_headers(manifest: Manifest) -> dict[str, str]:
     return headers
 
 
-def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
-    """[start, end) of a Range header against `size`.
+def _blob_response(
+    headers: dict[str, str], requested: tuple[int, int] | None, size: int
+) -> web.StreamResponse:
+    """A 200 for the whole blob, or a 206 for the [start, end) requested."""
+    response = web.StreamResponse(headers=headers)
+    if requested is None:
+        response.content_length = size
+        return response
+    start, end = requested
+    response.set_status(206)
+    response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response.content_length = end - start
+    return response
 
-    Raises RangeNotSatisfiable for a malformed or out-of-bounds range.
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """[start, end) of a single byte range against `size`; None without a
+    Range header.
+
+    Raises RangeNotSatisfiable for a malformed range, several ranges, or one
+    outside the blob (including the empty suffix `bytes=-0`).
     """
-    try:
-        rng = request.http_range
-    except ValueError:
-        raise RangeNotSatisfiable(size) from None
-    start, stop = rng.start or 0, rng.stop
-    if start < 0:  # a suffix range, bytes=-N: the last N bytes
-        start, stop = max(0, size + start), size
-    stop = size if stop is None else min(stop, size)
+    if header is None:
+        return None
+    match = _RANGE_RE.fullmatch(header)
+    if match is None or match.group(1) == match.group(2) == "":
+        raise RangeNotSatisfiable(size)
+    first, last = match.group(1), match.group(2)
+    if first == "":  # bytes=-N: the last N bytes
+        length = int(last)
+        if length == 0 or size == 0:
+            raise RangeNotSatisfiable(size)
+        return max(0, size - length), size
+    start = int(first)
+    stop = size if last == "" else min(int(last) + 1, size)
     if start >= size or start >= stop:
         raise RangeNotSatisfiable(size)
     return start, stop
-
-
-class _SentFileResponse(web.FileResponse):
-    """A FileResponse the handler sends itself (to do it inside a pin).
-
-    aiohttp prepares the returned response again after the handler; the stock
-    FileResponse would reopen the file and try to send it twice.
-    """
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self.prepared:
-            return None
-        return await super().prepare(request)

@@ -55,6 +55,9 @@ class PinSet:
     def __contains__(self, digest: object) -> bool:
         return digest in self._pins
 
+    def __len__(self) -> int:
+        return len(self._pins)
+
 
 @dataclass(frozen=True, slots=True)
 class PassResult:
@@ -88,6 +91,7 @@ class Evictor:
         self.interval = interval
         self._wakeup = asyncio.Event()
         self._size = 0  # bytes in the store, as of the last pass or addition
+        self._reserved = 0  # bytes downloads in progress will add
         self._lock = asyncio.Lock()
 
     @property
@@ -106,6 +110,17 @@ class Evictor:
         self.metrics.cache_blobs.inc()
         if self._size > self.max_size:
             self._wakeup.set()
+
+    def reserve(self, size: int) -> None:
+        """Downloads in progress hold `size` more (or, negative, fewer) bytes
+        of the budget; eviction makes room for them before they land."""
+        self._reserved = max(0, self._reserved + size)
+        if size > 0 and self._size + self._reserved > self.max_size:
+            self._wakeup.set()
+
+    @property
+    def reserved(self) -> int:
+        return self._reserved
 
     def trigger(self) -> None:
         self._wakeup.set()
@@ -126,16 +141,22 @@ class Evictor:
         """One pass: bring the store within budget. Returns what it did."""
         async with self._lock:
             await self.load()  # the CLI may have changed the store meanwhile
-            target = self._size
-            if self._size > self.max_size:
-                target = int(self.max_size * self.low_watermark)
+            # Room for downloads in progress is made now, before they land;
+            # what they reserve beyond the whole budget they cannot have.
+            reserved = min(self._reserved, self.max_size)
+            # Downloads landing during the pass change self._size; they were
+            # counted as reserved, so the pass works from this snapshot.
+            size = self._size
+            target = size
+            if size + reserved > self.max_size:
+                target = max(0, int(self.max_size * self.low_watermark) - reserved)
             free = await self._free_bytes()
             need_free = max(0, self.min_free - free)
-            if self._size <= target and need_free == 0:
-                return PassResult(0, 0, self._size)
+            if size <= target and need_free == 0:
+                return PassResult(0, 0, size)
             evicted, freed = 0, 0
             skipped: set[str] = set()
-            while self._size - freed > target or freed < need_free:
+            while size - freed > target or freed < need_free:
                 batch = [
                     (d, n)
                     for d, n in await self.metadata.least_recently_used(
@@ -146,14 +167,14 @@ class Evictor:
                 if not batch:
                     break
                 victims: list[str] = []
-                for digest, size in batch:
+                for digest, blob_size in batch:
                     if digest in self.pins:
                         skipped.add(digest)
                         continue
                     victims.append(digest)
-                    freed += size
+                    freed += blob_size
                     evicted += 1
-                    if self._size - freed <= target and freed >= need_free:
+                    if size - freed <= target and freed >= need_free:
                         break
                 if not victims:
                     break  # everything left is in use

@@ -38,10 +38,15 @@ from cachetools import TLRUCache
 from mirror.errors import UpstreamDenied, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.singleflight import SingleFlight
+from mirror.values import loads_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_TTL = 60.0  # what the token spec says to assume without expires_in
+# A token is trusted for at most a day, whatever expires_in says.
+MAX_TOKEN_TTL = 86400.0
+# Read at most this much of a token response unless told otherwise.
+MAX_TOKEN_BODY = 1024 * 1024
 # After upstream rejected the credentials, token fetches wait this long.
 REJECTED_BACKOFF = 30.0
 _PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
@@ -107,8 +112,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def valid_realm(realm: str) -> bool:
+    """Is the realm an http(s) URL with a host we could connect to?"""
+    try:
+        parts = urlsplit(realm)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and realm.isascii()
+        and realm.isprintable()
+    )
+
+
 def realm_trusted(realm: str, upstream_url: str, trusted: tuple[str, ...]) -> bool:
-    """May credentials be sent to this token realm?"""
+    """May credentials be sent to this (valid) token realm?"""
     parts = urlsplit(realm)
     host = (parts.hostname or "").lower()
     if not host or (parts.scheme != "https" and not _is_loopback(host)):
@@ -129,9 +149,11 @@ class TokenAuth:
         upstream_url: str,
         credentials: Credentials | None = None,
         trusted_realms: tuple[str, ...] = (),
+        max_body_size: int = MAX_TOKEN_BODY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session_getter
+        self._max_body_size = max_body_size
         self._metrics = metrics
         self._upstream_url = upstream_url
         self._credentials = credentials
@@ -148,7 +170,9 @@ class TokenAuth:
 
     @property
     def identity(self) -> str:
-        return self._credentials.username if self._credentials else "anonymous"
+        """`authenticated` or `anonymous`: never the account name, which
+        has no place on /readyz or in logs."""
+        return "authenticated" if self._credentials else "anonymous"
 
     def header_for(self, scope: str) -> str | None:
         """The Authorization header to send up front for `scope`, if known."""
@@ -170,9 +194,12 @@ class TokenAuth:
         challenge = parse_challenge(www_authenticate)
         if challenge is None:
             raise UpstreamDenied(
-                "upstream asks for authentication this mirror cannot give",
-                {"challenge": www_authenticate},
+                "upstream asks for authentication this mirror cannot give"
             )
+        realm = challenge.realm
+        if challenge.scheme == "bearer" and realm and not valid_realm(realm):
+            self._metrics.upstream_invalid.labels("token_realm").inc()
+            raise UpstreamUnavailable("upstream token realm is not a valid URL")
         self._challenge = challenge
         if challenge.scheme == "basic":
             if self._credentials is None:
@@ -208,7 +235,7 @@ class TokenAuth:
                 self._metrics.upstream_auth_failures.labels("untrusted_realm").inc()
                 raise UpstreamDenied(
                     "upstream token realm is not trusted with credentials",
-                    {"realm": challenge.realm},
+                    {"realm_host": urlsplit(challenge.realm).hostname},
                 )
             headers["Authorization"] = self._credentials.basic()
         params = {"scope": scope}
@@ -225,25 +252,29 @@ class TokenAuth:
                     raise UpstreamUnavailable(
                         "upstream token service failed", {"status": resp.status}
                     )
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raw_body = await self._read_limited(resp)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self._metrics.upstream_requests.labels("token", "error").inc()
             raise UpstreamUnavailable(
-                "upstream token service unreachable", {"error": str(exc)}
+                "upstream token service unreachable", {"error": type(exc).__name__}
             ) from exc
+        try:
+            body = loads_json(raw_body)
+        except ValueError:
+            self._metrics.upstream_invalid.labels("token").inc()
+            raise UpstreamUnavailable("upstream token service sent no JSON") from None
         raw = None
         if isinstance(body, dict):
             raw = body.get("access_token") or body.get("token")
-        if not isinstance(raw, str) or not raw:
+        if not isinstance(raw, str) or not raw or not _header_safe(raw):
+            self._metrics.upstream_invalid.labels("token").inc()
             raise UpstreamUnavailable("upstream token service sent no token")
-        ttl = body.get("expires_in")
-        ttl = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else None
-        ttl = ttl or DEFAULT_TOKEN_TTL
+        ttl = _token_ttl(body.get("expires_in"))
         expires_at = self._clock() + ttl - token_expiry_margin(ttl)
         token = _Token(f"Bearer {raw}", expires_at)
         self._tokens[(challenge.realm, challenge.service, scope)] = token
         if self.credentials_rejected:
-            log.info("upstream accepts the credentials of %s again", self.identity)
+            log.info("upstream accepts the configured credentials again")
         self.credentials_rejected = False
         log.debug("got upstream token for %s (ttl %.0fs)", scope, ttl)
         return token
@@ -255,9 +286,8 @@ class TokenAuth:
             self._rejected_until = self._clock() + REJECTED_BACKOFF
             self._metrics.upstream_auth_failures.labels("rejected").inc()
             log.error(
-                "upstream rejected the credentials of %s (HTTP %d); check "
+                "upstream rejected the configured credentials (HTTP %d); check "
                 "upstream.username and upstream.password",
-                self.identity,
                 status,
             )
             raise UpstreamDenied(
@@ -265,3 +295,40 @@ class TokenAuth:
             )
         self._metrics.upstream_auth_failures.labels("denied").inc()
         raise UpstreamDenied("upstream token service refused the request")
+
+    async def _read_limited(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The token body, refused past max_body_size. Raises
+        UpstreamUnavailable."""
+        limit = self._max_body_size
+        if (resp.content_length or 0) > limit:
+            self._metrics.upstream_invalid.labels("too_large").inc()
+            raise UpstreamUnavailable(f"upstream token response exceeds {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        while data := await resp.content.read(min(limit + 1 - size, 65536)):
+            parts.append(data)
+            size += len(data)
+            if size > limit:
+                self._metrics.upstream_invalid.labels("too_large").inc()
+                raise UpstreamUnavailable(
+                    f"upstream token response exceeds {limit} bytes"
+                )
+        return b"".join(parts)
+
+
+def _token_ttl(value: object) -> float:
+    """expires_in as seconds: finite, positive, at most a day."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return DEFAULT_TOKEN_TTL
+    try:
+        ttl = float(value)
+    except OverflowError:  # an int of hundreds of digits
+        return MAX_TOKEN_TTL
+    if ttl != ttl or ttl <= 0:  # NaN, or not positive
+        return DEFAULT_TOKEN_TTL
+    return min(ttl, MAX_TOKEN_TTL)
+
+
+def _header_safe(token: str) -> bool:
+    """A token goes into an Authorization header: printable ASCII only."""
+    return len(token) <= 65536 and token.isascii() and token.isprintable()

@@ -6,6 +6,19 @@ Authorization header on a cross-origin redirect) and tags/list. It answers
 auth challenges through `TokenAuth`, and turns every failure into the domain
 exceptions of `mirror.errors`: nothing from aiohttp escapes except from the
 body stream of an open blob response, which the caller reads.
+
+Upstream is a peer that may misbehave, so what it sends is checked first:
+
+* Two connection pools: blob downloads use their own (`max_downloads`
+  connections), so manifest, tag and token requests never queue behind them
+  (`max_connections`).
+* Bodies read into memory (manifests, tag lists, tokens) stop at
+  `max_body_size`, whatever Content-Length says, and are read to EOF however
+  many reads the network splits them into.
+* We ask for `Accept-Encoding: identity` and refuse any other encoding, so
+  encoded bytes are never cached or relayed as if they were plain.
+* Content-Type must be a media type by RFC 9110; manifest and tag requests
+  never follow redirects (only blobs go to a CDN).
 """
 
 from __future__ import annotations
@@ -13,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import aiohttp
 from multidict import CIMultiDict
@@ -35,8 +49,9 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.upstream.auth import Credentials, TokenAuth
-from mirror.upstream.ratelimit import RateLimit
+from mirror.upstream.ratelimit import MAX_THROTTLE, RateLimit
 from mirror.upstream.retry import RetryPolicy
+from mirror.values import bounded_seconds, media_type
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +64,10 @@ MANIFEST_MEDIA_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
-# The distribution registry refuses manifests over 4 MiB; so do we, to bound
-# the memory one request can take.
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 USER_AGENT = "mirror/0.1 (+pull-through cache)"
+# Parts of an error message that may carry secrets: a URL's query (CDN
+# signatures) and userinfo.
+_URL_SECRETS = re.compile(r"(https?://)[^/\s'\"@]*@|\?[^\s'\"]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +139,7 @@ class UpstreamClient:
         self._metrics = metrics
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._blob_session: aiohttp.ClientSession | None = None
         credentials = (
             Credentials(config.username, config.password) if config.username else None
         )
@@ -133,6 +149,7 @@ class UpstreamClient:
             upstream_url=config.url,
             credentials=credentials,
             trusted_realms=config.trusted_realms,
+            max_body_size=config.max_body_size,
             clock=clock,
         )
         self.ratelimit = RateLimit(
@@ -148,24 +165,42 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient used before open()")
         return self._session
 
+    def _get_blob_session(self) -> aiohttp.ClientSession:
+        if self._blob_session is None:
+            raise RuntimeError("UpstreamClient used before open()")
+        return self._blob_session
+
     async def open(self) -> None:
+        """Create the two sessions. Raises ssl.SSLError for a bad ca_file."""
+        context = ssl.create_default_context()
+        if self._config.ca_file is not None:
+            context.load_verify_locations(cafile=self._config.ca_file)
+        self._session = self._new_session(context, self._config.max_connections)
+        self._blob_session = self._new_session(context, self._config.max_downloads)
+        self._metrics.upstream_up.set(1)
+
+    def _new_session(
+        self, context: ssl.SSLContext, connections: int
+    ) -> aiohttp.ClientSession:
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=self._config.connect_timeout,
             sock_read=self._config.read_timeout,
         )
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, ssl=context),
             timeout=timeout,
-            headers={"User-Agent": USER_AGENT},
-            # Bodies are read by us as streams; never let aiohttp decompress.
+            # identity: a body is hashed and cached exactly as it arrives, so
+            # it must arrive unencoded; see _check_encoding.
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             auto_decompress=False,
         )
-        self._metrics.upstream_up.set(1)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._blob_session):
+            if session is not None:
+                await session.close()
+        self._session = self._blob_session = None
 
     def status(self) -> UpstreamStatus:
         budget = self.ratelimit.budget
@@ -197,12 +232,15 @@ class UpstreamClient:
         params: dict[str, str] | None = None,
         *,
         counted: bool = False,
+        blob: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One request, retried and authenticated; yields its response.
 
-        The response yielded has a status below 500 other than 429; errors
-        reading its body inside the block become UpstreamUnavailable.
-        `counted`: the request spends a Docker Hub pull (a manifest GET).
+        The response yielded has a status below 500 other than 429, and no
+        Content-Encoding; errors reading its body inside the block become
+        UpstreamUnavailable. `counted`: the request spends a Docker Hub pull
+        (a manifest GET). `blob`: use the blob pool and follow redirects (to
+        a CDN); other requests are not redirected anywhere.
 
         Raises UpstreamUnavailable (unreachable, 5xx, or marked down),
         UpstreamRateLimited (429, or throttled), UpstreamDenied.
@@ -223,7 +261,7 @@ class UpstreamClient:
             async for attempt in self._retry.retrying(kind, self._metrics):
                 with attempt:
                     resp = await self._send(
-                        method, url, repository, kind, headers, params
+                        method, url, repository, kind, headers, params, blob=blob
                     )
         except UpstreamUnavailable:
             self._down_until = self._clock() + self._config.down_backoff
@@ -239,7 +277,7 @@ class UpstreamClient:
             yield resp
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(
-                "upstream body cut short", {"error": str(exc) or type(exc).__name__}
+                "upstream body cut short", {"error": describe_error(exc)}
             ) from exc
         finally:
             resp.release()
@@ -252,8 +290,11 @@ class UpstreamClient:
         kind: str,
         headers: dict[str, str] | None,
         params: dict[str, str] | None,
+        *,
+        blob: bool,
     ) -> aiohttp.ClientResponse:
         """Send once, answering one auth challenge. See _request for errors."""
+        session = self._get_blob_session() if blob else self._get_session()
         scope = f"repository:{repository}:pull"
         send: CIMultiDict[str] = CIMultiDict(headers or {})
         for attempt in (1, 2):
@@ -262,13 +303,18 @@ class UpstreamClient:
                 send["Authorization"] = auth
             try:
                 async with asyncio.timeout(self._config.first_byte_timeout):
-                    resp = await self._get_session().request(
-                        method, url, headers=send, params=params
+                    resp = await session.request(
+                        method,
+                        url,
+                        headers=send,
+                        params=params,
+                        allow_redirects=blob,
                     )
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                # ValueError: a redirect to a URL aiohttp cannot parse.
                 self._metrics.upstream_requests.labels(kind, "error").inc()
                 raise UpstreamUnavailable(
-                    "upstream unreachable", {"error": str(exc) or type(exc).__name__}
+                    "upstream unreachable", {"error": describe_error(exc)}
                 ) from exc
             self._metrics.upstream_requests.labels(kind, str(resp.status)).inc()
             self.ratelimit.observe(resp.headers)
@@ -280,12 +326,19 @@ class UpstreamClient:
             if resp.status == 429:
                 resp.release()
                 wait = self.ratelimit.throttle(
-                    _retry_after(resp.headers.get("Retry-After"))
+                    bounded_seconds(
+                        resp.headers.get("Retry-After"), maximum=MAX_THROTTLE
+                    )
                 )
                 raise UpstreamRateLimited("upstream rate limit reached", wait)
             if resp.status >= 500:
                 resp.release()
                 raise UpstreamUnavailable("upstream failed", {"status": resp.status})
+            try:
+                self._check_encoding(resp, kind)
+            except UpstreamUnavailable:
+                resp.release()
+                raise
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -301,7 +354,7 @@ class UpstreamClient:
             _check(resp, lambda: ManifestUnknown(repository, reference))
             return ManifestInfo(
                 resp.headers.get("Docker-Content-Digest"),
-                _media_type(resp),
+                self._media_type(resp, "manifest_head"),
                 resp.content_length or 0,
             )
 
@@ -310,7 +363,8 @@ class UpstreamClient:
     ) -> tuple[ManifestInfo, bytes]:
         """The manifest bytes exactly as upstream sent them.
 
-        Raises ManifestUnknown, ManifestTooLarge, UpstreamError.
+        Raises ManifestUnknown, ManifestTooLarge, UpstreamError (including
+        an invalid Content-Type).
         """
         async with self._request(
             "GET",
@@ -321,14 +375,11 @@ class UpstreamClient:
             counted=True,
         ) as resp:
             _check(resp, lambda: ManifestUnknown(repository, reference))
-            if (resp.content_length or 0) > MAX_MANIFEST_SIZE:
-                raise ManifestTooLarge("upstream manifest exceeds 4 MiB")
-            body = await resp.content.read(MAX_MANIFEST_SIZE + 1)
-            if not resp.content.at_eof():
-                raise ManifestTooLarge("upstream manifest exceeds 4 MiB")
+            kind = self._media_type(resp, "manifest")
+            body = await self._read_body(resp, "manifest")
             self._metrics.upstream_bytes.labels("manifest").inc(len(body))
             info = ManifestInfo(
-                resp.headers.get("Docker-Content-Digest"), _media_type(resp), len(body)
+                resp.headers.get("Docker-Content-Digest"), kind, len(body)
             )
             return info, body
 
@@ -344,7 +395,7 @@ class UpstreamClient:
         """
         headers = {"Range": f"bytes={offset}-"} if offset else None
         async with self._request(
-            "GET", repository, f"blobs/{digest}", "blob", headers=headers
+            "GET", repository, f"blobs/{digest}", "blob", headers=headers, blob=True
         ) as resp:
             _check(resp, lambda: BlobUnknown(digest))
             if resp.status == 206 and offset:
@@ -368,7 +419,7 @@ class UpstreamClient:
         Raises BlobUnknown, UpstreamError.
         """
         async with self._request(
-            "HEAD", repository, f"blobs/{digest}", "blob_head"
+            "HEAD", repository, f"blobs/{digest}", "blob_head", blob=True
         ) as resp:
             _check(resp, lambda: BlobUnknown(digest))
             return resp.content_length
@@ -382,18 +433,79 @@ class UpstreamClient:
             "GET", repository, "tags/list", "tags", params=params
         ) as resp:
             _check(resp, lambda: NameUnknown("repository name not known to registry"))
-            body = await resp.read()
-            return Passthrough(
-                resp.status,
-                resp.headers.get("Content-Type", "application/json"),
-                body,
-                resp.headers.get("Link"),
+            kind = self._media_type(resp, "tags")
+            body = await self._read_body(resp, "tags")
+            link = resp.headers.get("Link")
+            if link is not None and not _printable(link):
+                link = None
+            return Passthrough(resp.status, kind, body, link)
+
+    # --- checks on what upstream sends ---------------------------------------
+
+    def _invalid(self, reason: str, message: str, detail: object = None) -> NoReturn:
+        """Count and raise a response refused for `reason`.
+
+        Raises UpstreamUnavailable, or ManifestTooLarge for reason too_large.
+        """
+        self._metrics.upstream_invalid.labels(reason).inc()
+        if reason == "too_large":
+            raise ManifestTooLarge(message, detail)
+        raise UpstreamUnavailable(message, detail)
+
+    def _check_encoding(self, resp: aiohttp.ClientResponse, kind: str) -> None:
+        """Refuse an encoded body: we asked for identity, and a gzip manifest
+        would be hashed, cached and served as if it were JSON."""
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            log.warning(
+                "upstream sent a %s response with Content-Encoding %r; refused",
+                kind,
+                encoding[:32],
+            )
+            self._invalid(
+                "encoding", "upstream sent an encoded body we did not ask for"
             )
 
+    def _media_type(self, resp: aiohttp.ClientResponse, kind: str) -> str:
+        """The response's media type, parameters dropped (clients compare the
+        type as sent). Raises UpstreamUnavailable when it is not valid."""
+        try:
+            # A tag list without a type is still JSON; a manifest is not.
+            fallback = "application/json" if kind == "tags" else None
+            return media_type(resp.headers.get("Content-Type") or fallback)
+        except ValueError as exc:
+            log.warning("upstream sent a %s response with a bad type: %s", kind, exc)
+            self._invalid("media_type", "upstream sent an invalid Content-Type")
 
-def _media_type(resp: aiohttp.ClientResponse) -> str:
-    # Keep parameters off but the type exactly as sent: clients compare it.
-    return resp.headers.get("Content-Type", "").split(";")[0].strip()
+    async def _read_body(self, resp: aiohttp.ClientResponse, kind: str) -> bytes:
+        """The whole body, read to EOF in as many reads as it takes, but never
+        more than max_body_size. Raises ManifestTooLarge past the limit."""
+        limit = self._config.max_body_size
+        if (resp.content_length or 0) > limit:
+            self._invalid("too_large", f"upstream {kind} body exceeds {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            data = await resp.content.read(min(limit + 1 - size, 1024 * 1024))
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+            size += len(data)
+            if size > limit:
+                self._invalid(
+                    "too_large", f"upstream {kind} body exceeds {limit} bytes"
+                )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line description of a network error, safe for logs and clients:
+    URL queries (CDN signatures) and userinfo are cut out."""
+    text = str(exc) or type(exc).__name__
+    return _URL_SECRETS.sub(lambda m: m.group(1) or "?…", text)[:300]
+
+
+def _printable(value: str) -> bool:
+    return value.isascii() and value.isprintable()
 
 
 def _check(resp: aiohttp.ClientResponse, not_found: Callable[[], MirrorError]) -> None:
@@ -403,6 +515,11 @@ def _check(resp: aiohttp.ClientResponse, not_found: Callable[[], MirrorError]) -
         return
     if status == 404:
         raise not_found()
+    if 300 <= status < 400:
+        raise UpstreamUnavailable(
+            "upstream redirected a request that is not a blob download; not followed",
+            {"status": status},
+        )
     if status in (401, 403):
         raise UpstreamDenied(
             "upstream denied access: the repository does not exist or needs "
@@ -419,14 +536,3 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     total = match.group(2)
     return int(match.group(1)), None if total == "*" else int(total)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds; only the delta-seconds form, finite, >= 0."""
-    try:
-        seconds = float(value) if value else None
-    except ValueError:
-        return None
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return None
-    return seconds

@@ -6,6 +6,8 @@ Docker Hub answers manifest requests with::
     ratelimit-remaining: 76;w=21600     pulls left in the current window
     docker-ratelimit-source: 203.0.113.7  who is being counted (IP or account)
 
+(The source is not kept: an account id has no place in logs or metrics.)
+
 A manifest GET spends one pull; a HEAD spends none. When the budget is gone
 upstream answers 429 TOOMANYREQUESTS, usually with Retry-After. `RateLimit`
 keeps the last values seen, exports them as gauges, warns when the budget runs
@@ -27,9 +29,15 @@ from mirror.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-_VALUE_RE = re.compile(r"^\s*(\d+)\s*(?:;\s*w\s*=\s*(\d+))?")
+# At most 18 digits (an int64); a longer number is garbage, not a budget.
+_VALUE_RE = re.compile(r"^\s*(\d{1,18})(?!\d)\s*(?:;\s*w\s*=\s*(\d{1,18})(?!\d))?")
 # Used when a 429 says neither Retry-After nor a window: a minute, then retry.
 DEFAULT_THROTTLE = 60.0
+# The longest we stop asking after a 429, whatever upstream says: Docker
+# Hub's window is 6 h, so a longer wait can only be a broken or hostile peer.
+MAX_THROTTLE = 6 * 3600.0
+# Larger budgets than this are clamped (and are not real).
+MAX_BUDGET = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +45,6 @@ class Budget:
     limit: int | None
     remaining: int | None
     window: int | None
-    source: str | None
 
 
 def parse_ratelimit(value: str | None) -> tuple[int, int | None] | None:
@@ -47,7 +54,8 @@ def parse_ratelimit(value: str | None) -> tuple[int, int | None] | None:
     match = _VALUE_RE.match(value)
     if not match:
         return None
-    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+    window = min(int(match.group(2)), MAX_BUDGET) if match.group(2) else None
+    return min(int(match.group(1)), MAX_BUDGET), window
 
 
 class RateLimit:
@@ -63,7 +71,7 @@ class RateLimit:
         self._metrics = metrics
         self.warn_below = warn_below
         self._clock = clock
-        self.budget = Budget(None, None, None, None)
+        self.budget = Budget(None, None, None)
         self._throttled_until = 0.0
         self._warned = False
 
@@ -78,7 +86,6 @@ class RateLimit:
             limit[0] if limit else self.budget.limit,
             remaining[0] if remaining else self.budget.remaining,
             window or self.budget.window,
-            headers.get("docker-ratelimit-source", self.budget.source),
         )
         if self.budget.limit is not None:
             self._metrics.ratelimit_limit.set(self.budget.limit)
@@ -88,18 +95,17 @@ class RateLimit:
         low = self.budget.remaining < self.warn_below
         if low and not self._warned:
             log.warning(
-                "upstream pull budget low: %d of %s left (window %ss, counted as %s)",
+                "upstream pull budget low: %d of %s left (window %ss)",
                 self.budget.remaining,
                 self.budget.limit,
                 self.budget.window,
-                self.budget.source,
             )
         self._warned = low
 
     def throttle(self, retry_after: float | None) -> float:
         """Upstream said 429: stop spending pulls for a while. Returns seconds."""
         wait = retry_after if retry_after is not None else self.budget.window
-        wait = float(wait) if wait else DEFAULT_THROTTLE
+        wait = min(float(wait), MAX_THROTTLE) if wait else DEFAULT_THROTTLE
         self._throttled_until = max(self._throttled_until, self._clock() + wait)
         self._metrics.ratelimit_remaining.set(0)
         log.warning("upstream rate limit reached; throttled for %.0fs", wait)
