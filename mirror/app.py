@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from mirror.api.errors import error_middleware
 from mirror.api.handlers import RegistryHandlers
 from mirror.api.routes import add_routes, metrics_middleware
+from mirror.api.server import serve
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.integrity import reconcile
@@ -149,6 +150,20 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+async def run(
+    config: Config, *, on_reload: Callable[[web.Application], None] | None = None
+) -> None:
+    """Build the app and serve it until SIGTERM/SIGINT; SIGHUP calls
+    `on_reload(app)`. Raises OSError if the address cannot be bound."""
+    app = create_app(config)
+    await serve(
+        app,
+        config,
+        app[METRICS],
+        on_reload=(lambda: on_reload(app)) if on_reload is not None else None,
+    )
 
 
 async def _housekeeping(

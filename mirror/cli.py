@@ -21,8 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from mirror import __version__
 from mirror.config import (
     Config,
@@ -33,8 +31,6 @@ from mirror.config import (
 )
 
 log = logging.getLogger("mirror")
-
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,9 +76,9 @@ def setup_logging(config: Config) -> None:
 
 def serve(config: Config, config_path: Path | None) -> int:
     # Imported here so the CLI's error paths stay fast and dependency-light.
-    from mirror.app import RELOAD, create_app
+    from mirror.app import RELOAD, run
 
-    # A reload that arrives during start-up (before the handler below is
+    # A reload that arrives during start-up (before the handler is
     # installed) must not kill us, which is SIGHUP's default action.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -96,25 +92,12 @@ def serve(config: Config, config_path: Path | None) -> int:
         return 2
     listen = config.server.listen
     log.info("mirror %s listening on %s", __version__, listen)
-    app = create_app(config)
-
-    async def on_startup(app: web.Application) -> None:
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, reload_config, app[RELOAD], config_path
-        )
-
-    app.on_startup.append(on_startup)
     try:
-        web.run_app(
-            app,
-            host=listen.host,
-            port=listen.port,
-            access_log=logging.getLogger("mirror.access")
-            if config.log.access_log
-            else None,
-            access_log_format=ACCESS_LOG_FORMAT,
-            print=None,
-            handle_signals=True,
+        asyncio.run(
+            run(
+                config,
+                on_reload=lambda app: reload_config(app[RELOAD], config_path),
+            )
         )
     except OSError as exc:
         print(f"mirror: cannot listen on {listen}: {exc.strerror}", file=sys.stderr)
