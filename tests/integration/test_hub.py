@@ -11,27 +11,41 @@ unique names to the shared ``token_upstream``.
 The mirror is configured with an account on the suite's token service, so
 every pull exercises the credentialed token flow; retries and back-offs are
 short to keep failure paths fast.
+
+Every test runs twice, on two networks (``edge_network``): ``direct``, plain
+HTTP over loopback, and ``wan``, where the edge speaks HTTPS with a
+certificate from the test CA (which the mirror trusts through
+``upstream.ca_file``) and the mirror reaches both of its listeners through a
+``LatencyProxy``: 20-40 ms each way, bodies in pieces of at most 1460 bytes.
+The token service stays on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 import aiohttp
 import pytest
+
+from tests.conftest import ProxyFactory
+from tests.fakes.network import LatencyProxy, wan
+from tests.fakes.tls import TlsFiles
 
 from .conftest import DockerFactory, MirrorFactory, Published, Publisher, unique
 from .docker_daemon import DockerDaemon, DockerEngine, PullError
 from .hub_edge import Action, EdgeLog, Fault, HubEdge
 from .images import Image
 from .mirror_process import MirrorProcess, toml_string
-from .skopeo import sha256_of
+from .skopeo import Skopeo, sha256_of
 from .test_dockerd import assert_image
 from .test_lifecycle import samples, value
+from .test_skopeo import assert_same_image
 from .token_server import SERVICE, TokenServer
 from .upstream import Upstream
 
@@ -75,11 +89,44 @@ class HubFactory(Protocol):
     ) -> Hub: ...
 
 
+@dataclass
+class EdgeNetwork:
+    """What lies between the mirror and the edge; see the module docstring."""
+
+    kind: Literal["direct", "wan"]
+    registry: LatencyProxy | None = None
+    """The proxy in front of the registry endpoint (``wan`` only)."""
+    cdn: LatencyProxy | None = None
+    """The proxy in front of the CDN (``wan`` only)."""
+
+
+@pytest.fixture(params=["direct", "wan"])
+def edge_network(request: pytest.FixtureRequest) -> EdgeNetwork:
+    return EdgeNetwork(request.param)
+
+
 @pytest.fixture
-async def edge(token_upstream: Upstream) -> AsyncIterator[HubEdge]:
-    hub_edge = HubEdge(token_upstream)
+async def edge(
+    token_upstream: Upstream,
+    edge_network: EdgeNetwork,
+    tls_files: TlsFiles,
+    latency_proxy: ProxyFactory,
+) -> AsyncIterator[HubEdge]:
+    over_wan = edge_network.kind == "wan"
+    hub_edge = HubEdge(
+        token_upstream, tls=tls_files.server_context() if over_wan else None
+    )
     await hub_edge.start()
     try:
+        if over_wan:
+            edge_network.registry = latency_proxy(
+                hub_edge.port, request=wan(), response=wan(), seed="registry"
+            )
+            edge_network.cdn = latency_proxy(
+                hub_edge.cdn_port, request=wan(), response=wan(), seed="cdn"
+            )
+            hub_edge.front_port = edge_network.registry.port
+            hub_edge.front_cdn_port = edge_network.cdn.port
         yield hub_edge
     finally:
         await hub_edge.stop()
@@ -99,12 +146,14 @@ def hub_factory(
     account: Account,
     mirror_factory: MirrorFactory,
     docker_factory: DockerFactory,
+    tls_files: TlsFiles,
 ) -> HubFactory:
     """Start the mirror (pulling as ``account``) and a dockerd using it.
 
     ``tag_ttl`` and ``max_stale`` go to ``[cache]``; ``password`` overrides
     the account's (to configure a wrong one); other keyword arguments override
-    ``[upstream]`` settings.
+    ``[upstream]`` settings. An edge serving HTTPS is trusted through
+    ``upstream.ca_file``.
     """
 
     def factory(
@@ -120,6 +169,8 @@ def hub_factory(
             **FAST_FAILURE,
             **upstream,
         }
+        if edge.tls is not None:
+            settings.setdefault("ca_file", str(tls_files.ca_file))
         mirror = mirror_factory(
             edge.url,
             extra_toml=(
@@ -311,12 +362,13 @@ async def test_pulls_as_the_configured_account_and_reports_a_wrong_password(
     log = wrong.edge.log_since()
     assert not log.pulls, log.describe()
     assert not log.cdn, log.describe()
-    complaint = f"rejected the credentials of {username}"
+    complaint = "rejected the configured credentials"
     errors = [
         line for line in wrong.mirror.log_text().splitlines() if complaint in line
     ]
     assert errors, wrong.mirror.log_text()
     assert all(" ERROR " in line for line in errors), errors
+    assert username not in wrong.mirror.log_text()  # no account name in logs
     metrics = await scrape(http, wrong.mirror)
     assert value(metrics, "mirror_upstream_auth_failures_total", reason="rejected") > 0
 
@@ -615,4 +667,84 @@ async def test_cdn_never_receives_credentials(
     assert_cdn_clean(log)
     assert {r.digest for r in log.cdn} == amd64.blob_digests, log.describe()
     assert all(r.status == 200 for r in log.cdn), log.describe()
-    assert {r.host for r in log.cdn} == {f"127.0.0.1:{hub.edge.cdn_port}"}
+    assert {r.host for r in log.cdn} == {hub.edge.cdn_host}
+
+
+# --- over a slow network, with real clients -----------------------------------------
+
+
+def wan_proxies(network: EdgeNetwork) -> tuple[LatencyProxy, LatencyProxy]:
+    assert network.registry is not None
+    assert network.cdn is not None
+    return network.registry, network.cdn
+
+
+def assert_fetched_once(log: EdgeLog, digests: set[str]) -> None:
+    """Each blob was redirected once and fetched from the CDN once, whole."""
+    redirected = Counter(
+        r.reference for r in log.registry if r.kind == "blob" and r.status == 307
+    )
+    fetched = Counter(r.digest for r in log.cdn if r.status == 200)
+    expected = dict.fromkeys(digests, 1)
+    assert redirected == expected, log.describe()
+    assert fetched == expected, log.describe()
+    assert all(r.status == 200 and not r.note for r in log.cdn), log.describe()
+
+
+@pytest.mark.parametrize("edge_network", ["wan"], indirect=True)
+async def test_dockerd_pull_over_a_slow_tls_network_fetches_each_blob_once(
+    hub_factory: HubFactory, hub_image: ImageFactory, edge_network: EdgeNetwork
+) -> None:
+    registry, cdn = wan_proxies(edge_network)
+    hub = hub_factory()
+    published = await hub_image(layer_sizes=[100_000, 700_000, MiB, 2 * MiB])
+    image = published.single
+    mark = hub.edge.mark()
+
+    await pull(hub, published)  # checks the image id, layers and RepoDigests
+
+    log = hub.edge.log_since(mark)
+    assert_fetched_once(log, image.blob_digests)
+    # The tag was looked up with a HEAD; the manifest by digest cost one pull.
+    assert len(log.pulls) == 1, log.describe()
+    assert hub.edge.url.startswith("https://")
+    layer_bytes = sum(layer.descriptor.size for layer in image.layers)
+    assert cdn.counters.bytes_to_client > layer_bytes
+    assert registry.counters.bytes_to_client > 0
+
+    mark = hub.edge.mark()
+    await pull(hub, published)
+    log = hub.edge.log_since(mark)
+    assert not log.cdn, log.describe()
+    assert not [r for r in log.registry if r.kind == "blob"], log.describe()
+    assert not [r for r in log.manifests() if r.by_digest], log.describe()
+
+
+@pytest.mark.parametrize("edge_network", ["wan"], indirect=True)
+async def test_concurrent_skopeo_copies_over_a_slow_tls_network(
+    hub_factory: HubFactory,
+    hub_image: ImageFactory,
+    edge_network: EdgeNetwork,
+    skopeo: Skopeo,
+    tmp_path: Path,
+) -> None:
+    _, cdn = wan_proxies(edge_network)
+    # The CDN at 4 MiB/s per connection: the copies overlap the downloads.
+    cdn.response.rate = 4 * MiB
+    hub = hub_factory()
+    published = await hub_image(layer_sizes=[3 * MiB, 2 * MiB])
+    image = published.single
+    reference = f"{published.repository}:{published.tag}"
+    mark = hub.edge.mark()
+
+    copies = await asyncio.gather(
+        *(
+            skopeo.pull_to_dir(hub.mirror.host, reference, tmp_path / f"copy{n}")
+            for n in range(3)
+        )
+    )
+
+    for got in copies:
+        assert got.manifest_digest == image.digest
+        assert_same_image(got, published, image)
+    assert_fetched_once(hub.edge.log_since(mark), image.blob_digests)
