@@ -19,20 +19,31 @@ Middleware = Any  # aiohttp's middleware type is not exported in a stable form
 _NAME = "{name:.+}"
 
 
+async def _ignore_expect(request: web.Request) -> None:
+    """No route reads a request body, so `Expect` needs no answer (aiohttp's
+    default answers an unknown one with a plain-text 417)."""
+
+
 def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
-    r = app.router
-    r.add_get("/v2/", handlers.base, name="base")
-    r.add_get("/v2", handlers.base)
-    r.add_get(
-        f"/v2/{_NAME}/manifests/{{reference}}", handlers.manifest, name="manifest"
-    )
-    r.add_get(f"/v2/{_NAME}/blobs/{{digest}}", handlers.blob, name="blob")
-    r.add_get(f"/v2/{_NAME}/tags/list", handlers.tags, name="tags")
-    r.add_get("/metrics", handlers.metrics_page, name="metrics")
-    r.add_get("/healthz", handlers.healthz, name="healthz")
-    r.add_get("/readyz", handlers.readyz, name="readyz")
+    def get(path: str, handler: Handler, name: str | None = None) -> None:
+        app.router.add_get(path, handler, name=name, expect_handler=_ignore_expect)
+
+    get("/v2/", handlers.base, "base")
+    get("/v2", handlers.base)
+    get(f"/v2/{_NAME}/manifests/{{reference}}", handlers.manifest, "manifest")
+    get(f"/v2/{_NAME}/blobs/{{digest}}", handlers.blob, "blob")
+    get(f"/v2/{_NAME}/tags/list", handlers.tags, "tags")
+    get("/metrics", handlers.metrics_page, "metrics")
+    get("/healthz", handlers.healthz, "healthz")
+    get("/readyz", handlers.readyz, "readyz")
     # Everything else under /v2/: 405 UNSUPPORTED for writes, 404 for reads.
-    r.add_route("*", "/v2/{tail:.*}", handlers.unsupported, name="unsupported")
+    app.router.add_route(
+        "*",
+        "/v2/{tail:.*}",
+        handlers.unsupported,
+        name="unsupported",
+        expect_handler=_ignore_expect,
+    )
 
 
 def metrics_middleware(metrics: Metrics) -> Middleware:
