@@ -138,7 +138,8 @@ class Metrics:
         self.upstream_invalid = Counter(
             "mirror_upstream_invalid_responses",
             "Upstream responses refused because of what they carried, by "
-            "reason (media_type, encoding, too_large, token, token_realm).",
+            "reason (media_type, encoding, too_large, manifest, token, "
+            "token_realm).",
             ["reason"],
             registry=r,
         )

@@ -14,7 +14,6 @@ the registry.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from mirror.ops import (
 )
 from mirror.reference import parse_digest
 from mirror.upstream.client import MANIFEST_ACCEPT
+from mirror.values import loads_json
 
 INDEX_MEDIA_TYPES = frozenset(
     {
@@ -208,7 +208,7 @@ class Warmer:
             digest = resp.headers.get("Docker-Content-Digest")
         plan.manifests += 1
         try:
-            doc = json.loads(body)
+            doc = loads_json(body)
         except ValueError:
             raise WarmError(f"manifest {name} is not JSON") from None
         if not isinstance(doc, dict):

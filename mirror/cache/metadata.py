@@ -14,13 +14,14 @@ written in batches by `flush_access()`, so a cache hit costs no write.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from mirror.values import loads_json
 
 _SCHEMA_V1 = """
     CREATE TABLE blobs (
@@ -95,8 +96,8 @@ def manifest_references(body: bytes) -> list[tuple[str, str, int]]:
     layers ('blob'), or an index's manifests ('manifest'). Unparseable
     bodies reference nothing."""
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = loads_json(body)
+    except ValueError:  # not JSON, or nested too deeply to be a manifest
         return []
     if not isinstance(doc, dict):
         return []

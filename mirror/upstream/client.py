@@ -377,6 +377,9 @@ class UpstreamClient:
             _check(resp, lambda: ManifestUnknown(repository, reference))
             kind = self._media_type(resp, "manifest")
             body = await self._read_body(resp, "manifest")
+            if not _json_object(body):
+                # A proxy's error page with 200, say: not a manifest.
+                self._invalid("manifest", "upstream sent a manifest that is not JSON")
             self._metrics.upstream_bytes.labels("manifest").inc(len(body))
             info = ManifestInfo(
                 resp.headers.get("Docker-Content-Digest"), kind, len(body)
@@ -472,7 +475,10 @@ class UpstreamClient:
         try:
             # A tag list without a type is still JSON; a manifest is not.
             fallback = "application/json" if kind == "tags" else None
-            return media_type(resp.headers.get("Content-Type") or fallback)
+            value = media_type(resp.headers.get("Content-Type") or fallback)
+            if not _json_type(value):
+                raise ValueError(f"{value} is not a JSON type")
+            return value
         except ValueError as exc:
             log.warning("upstream sent a %s response with a bad type: %s", kind, exc)
             self._invalid("media_type", "upstream sent an invalid Content-Type")
@@ -502,6 +508,24 @@ def describe_error(exc: BaseException) -> str:
     URL queries (CDN signatures) and userinfo are cut out."""
     text = str(exc) or type(exc).__name__
     return _URL_SECRETS.sub(lambda m: m.group(1) or "?…", text)[:300]
+
+
+def _json_type(value: str) -> bool:
+    """Manifests and tag lists are JSON: application/json, or a +json type
+    (OCI and Docker manifests), or Docker's signed schema 1 manifest."""
+    return (
+        value == "application/json"
+        or value.endswith("+json")
+        or value == "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    )
+
+
+def _json_object(body: bytes) -> bool:
+    """Does the body look like a JSON object? Only its first byte is looked
+    at: enough to refuse an HTML or text page, cheap for a 4 MiB index, and
+    it does not refuse JSON nested deeper than Python parses (the client,
+    which checks the digest anyway, decides about the rest)."""
+    return body.lstrip(b" \t\r\n")[:1] == b"{"
 
 
 def _printable(value: str) -> bool:
