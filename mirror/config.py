@@ -106,7 +106,8 @@ def parse_bool(value: object) -> bool:
 
 
 def parse_address(value: object) -> Address:
-    """`host:port`, `:port` (all interfaces) or `[v6]:port`."""
+    """`host:port`, `:port` (all interfaces) or `[v6]:port`; port 0 picks
+    a free port (tests)."""
     if isinstance(value, str):
         host, sep, port = value.rpartition(":")
         bracketed = host.startswith("[") and host.endswith("]")
@@ -114,7 +115,7 @@ def parse_address(value: object) -> Address:
             raise ValueError(f"{value!r} is not host:port (IPv6: [addr]:port)")
         host = host[1:-1] if bracketed else host
         host = host or "0.0.0.0"  # noqa: S104 - the documented default
-        if sep and port.isdigit() and 0 < int(port) < 65536:
+        if sep and port.isdigit() and 0 <= int(port) < 65536:
             return Address(host, int(port))
     raise ValueError(f"{value!r} is not host:port (use e.g. 0.0.0.0:5000)")
 

@@ -161,9 +161,9 @@ class Metrics:
         )
         self.http_connections_rejected = Counter(
             "mirror_http_connections_rejected",
-            "Client connections answered 503 and closed at once, by reason "
-            "(limit: server.max_connections reached; fds: out of file "
-            "descriptors).",
+            "Client connections not served, by reason (limit: answered 503 "
+            "and closed, server.max_connections reached; fds: accept() "
+            "failed for lack of file descriptors, counted per attempt).",
             ["reason"],
             registry=r,
         )

@@ -54,8 +54,12 @@ _FDS_PER_CONNECTION = 2
 # for reading.
 _FDS_PER_DOWNLOAD = 3
 # How long a refused connection may take to send its request line before
-# the 503 goes out anyway.
+# the 503 goes out anyway (answering before the request arrives can make
+# the kernel reset the connection, and the client never sees the 503).
 _REFUSE_WAIT = 1.0
+# Refused connections waiting like that, at most; they hold descriptors out
+# of the reserve, so past this many a refusal is answered at once.
+_MAX_WAITING_REFUSALS = 32
 # How long in-flight requests get to finish at shutdown.
 SHUTDOWN_TIMEOUT = 30.0
 
@@ -94,6 +98,7 @@ class ConnectionLimit:
     def __init__(self, limit: int, metrics: Metrics) -> None:
         self.limit = limit
         self.open = 0
+        self.refusing = 0  # refused connections waiting for their request
         self._metrics = metrics
         self._warning = OncePer(60.0)
 
@@ -125,6 +130,7 @@ class _Handler(RequestHandler):
         self._limit = limit
         self._bad_requests = bad_requests
         self._refused: asyncio.Transport | None = None
+        self._waiting = False  # a refusal counted in ConnectionLimit.refusing
         self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,6 +140,11 @@ class _Handler(RequestHandler):
         if not self._limit.admit():
             assert isinstance(transport, asyncio.Transport)  # noqa: S101 - asyncio's
             self._refused = transport
+            if self._limit.refusing >= _MAX_WAITING_REFUSALS:
+                self._refuse()
+                return
+            self._limit.refusing += 1
+            self._waiting = True
             asyncio.get_running_loop().call_later(_REFUSE_WAIT, self._refuse)
             return
         self._admitted = True
@@ -146,12 +157,18 @@ class _Handler(RequestHandler):
         super().data_received(data)
 
     def _refuse(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._limit.refusing -= 1
         transport, self._refused = self._refused, None
         if transport is not None and not transport.is_closing():
             transport.write(_REFUSAL)
             transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._limit.refusing -= 1
         self._refused = None
         if not self._admitted:
             return
@@ -285,6 +302,7 @@ async def serve(
     cannot be bound.
     """
     loop = asyncio.get_running_loop()
+    previous_handler = loop.get_exception_handler()
     loop.set_exception_handler(_loop_exception_handler(metrics))
     limit = ConnectionLimit(connection_budget(config), metrics)
     handler_args: dict[str, Any] = {
@@ -301,9 +319,11 @@ async def serve(
     )
     await runner.setup()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     if on_reload is not None:
+        signals.append(signal.SIGHUP)
         loop.add_signal_handler(signal.SIGHUP, on_reload)
     bad_requests = OncePer(60.0)
 
@@ -320,6 +340,7 @@ async def serve(
         )
     except OSError:
         await runner.cleanup()
+        _restore(loop, signals, previous_handler)
         raise
     try:
         if started is not None:
@@ -330,3 +351,15 @@ async def serve(
         server.close()  # no new connections; runner.cleanup ends the open ones
         await runner.cleanup()
         await server.wait_closed()
+        _restore(loop, signals, previous_handler)
+
+
+def _restore(
+    loop: asyncio.AbstractEventLoop,
+    signals: list[signal.Signals],
+    handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+) -> None:
+    """Undo what serve() did to the loop: its signal and exception handlers."""
+    for signum in signals:
+        loop.remove_signal_handler(signum)
+    loop.set_exception_handler(handler)
