@@ -144,6 +144,7 @@ def test_parse_bool_rejects(value: object) -> None:
         ("[::1]:5000", Address("::1", 5000)),
         ("[::]:1", Address("::", 1)),
         ("host:65535", Address("host", 65535)),
+        ("127.0.0.1:0", Address("127.0.0.1", 0)),  # a free port, for tests
     ],
 )
 def test_parse_address_accepts(value: str, expected: Address) -> None:
@@ -156,7 +157,6 @@ def test_parse_address_accepts(value: str, expected: Address) -> None:
         "localhost",
         "5000",
         "localhost:",
-        "localhost:0",
         "localhost:65536",
         "localhost:99999",
         "localhost:-1",
@@ -410,3 +410,63 @@ def test_kubernetes_service_variables_are_not_config_errors() -> None:
         "MIRROR_PORT_5000_TCP_ADDR": "10.0.0.7",
     }
     assert load_config(None, injected) == load_config(None, {})
+
+
+# --- issue 8: secrets in the URL, the CA bundle, new bounds ---------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ci-bot:s3cret@registry.example",
+        "https://ci-bot@registry.example",
+        "https://:s3cret@registry.example:443/",
+    ],
+)
+def test_userinfo_in_upstream_url_is_a_one_line_error(url: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {"MIRROR_UPSTREAM_URL": url})
+    message = str(raised.value)
+    assert message.startswith("upstream.url: ")
+    assert "upstream.username" in message
+    assert "upstream.password" in message
+    assert "s3cret" not in message
+    assert "ci-bot" not in message
+    assert "\n" not in message
+
+
+def test_ca_file_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=r"upstream\.ca_file: cannot read"):
+        load_config(None, {"MIRROR_UPSTREAM_CA_FILE": str(missing)})
+
+
+def test_ca_file_must_hold_certificates(tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"upstream\.ca_file: .*ca\.pem"):
+        load_config(None, {"MIRROR_UPSTREAM_CA_FILE": str(garbage)})
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "MIRROR_SERVER_MAX_CONNECTIONS",
+        "MIRROR_UPSTREAM_MAX_DOWNLOADS",
+        "MIRROR_UPSTREAM_MAX_CONNECTIONS",
+    ],
+)
+def test_bounds_must_be_at_least_one(variable: str) -> None:
+    with pytest.raises(ConfigError, match=">= 1"):
+        load_config(None, {variable: "0"})
+
+
+def test_bounds_have_busy_fleet_defaults() -> None:
+    config = load_config(None, {})
+    assert config.server.max_connections == 2048
+    assert config.server.header_timeout == 30.0
+    assert config.server.send_timeout == 60.0
+    assert config.upstream.max_downloads == 64
+    assert config.upstream.max_connections == 32
+    assert config.upstream.max_body_size == 4 * 1024 * 1024
+    assert config.upstream.ca_file is None
