@@ -98,7 +98,9 @@ async def make_mirror(
 
     ``server_ssl`` serves the registry over TLS; ``route`` turns its server
     into the URL the mirror is given (e.g. a LatencyProxy's in front of it).
-    Other keyword arguments are config keys: ``upstream_read_timeout="1s"``.
+    ``server_kwargs`` go to aiohttp's runner (e.g. ``handler_cancellation``,
+    as ``mirror serve`` has it). Other keyword arguments are config keys:
+    ``upstream_read_timeout="1s"``.
     """
     counter = 0
 
@@ -107,6 +109,7 @@ async def make_mirror(
         *,
         server_ssl: ssl.SSLContext | None = None,
         route: Route | None = None,
+        server_kwargs: dict[str, object] | None = None,
         **settings: str,
     ) -> Mirror:
         nonlocal counter
@@ -124,7 +127,7 @@ async def make_mirror(
         config = load_config(None, env)
         clock = FakeClock()
         app = create_app(config, clock=clock, monotonic=clock)
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(app, server_kwargs=server_kwargs or {})
         return Mirror(client, upstream, config, clock)
 
     return make
