@@ -44,6 +44,12 @@ def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
         name="unsupported",
         expect_handler=_ignore_expect,
     )
+    # And everywhere else, so that no request falls through to aiohttp's
+    # own answers (a plain-text 417 for an Expect it does not know, which
+    # echoes the header), only to our OCI errors.
+    app.router.add_route(
+        "*", "/{tail:.*}", handlers.unsupported, expect_handler=_ignore_expect
+    )
 
 
 def metrics_middleware(metrics: Metrics) -> Middleware:

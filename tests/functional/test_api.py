@@ -107,3 +107,29 @@ async def test_upstream_token_is_fetched_once_and_reused(
     assert upstream.count("token") == 1
     unauthorized = [r for r in upstream.log if "Authorization" not in r.headers]
     assert [r.path for r in unauthorized] == ["/v2/library/app/manifests/1", "/token"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v2/", 200, None),
+        ("GET", "/v2/library/x/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+        ("POST", "/v2", 405, "UNSUPPORTED"),
+        ("PUT", "/metrics", 405, "UNSUPPORTED"),
+        ("GET", "/nowhere", 404, "NOT_FOUND"),
+        ("DELETE", "/v2/library/x/manifests/1", 405, "UNSUPPORTED"),
+    ],
+)
+async def test_an_unknown_expect_never_gets_aiohttps_plain_417(
+    make_mirror: MirrorFactory, method: str, path: str, status: int, code: str | None
+) -> None:
+    """aiohttp answers an Expect it does not know with a text/plain 417 that
+    echoes the header; no route may fall through to that (found by fuzzing)."""
+    mirror = await make_mirror(FakeRegistry())
+    resp = await mirror.client.request(method, path, headers={"Expect": "x<script>"})
+    assert resp.status == status
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = await resp.read()
+    assert b"<script>" not in body
+    if code is not None:
+        assert await error_code(resp) == code
