@@ -334,11 +334,12 @@ class UpstreamClient:
             if resp.status >= 500:
                 resp.release()
                 raise UpstreamUnavailable("upstream failed", {"status": resp.status})
-            try:
-                self._check_encoding(resp, kind)
-            except UpstreamUnavailable:
-                resp.release()
-                raise
+            if resp.status < 300:  # error bodies are never read
+                try:
+                    self._check_encoding(resp, kind)
+                except UpstreamUnavailable:
+                    resp.release()
+                    raise
             return resp
         raise AssertionError("unreachable")  # pragma: no cover
 
