@@ -15,8 +15,9 @@ Guarantees:
   digest matched, so no reader can finish a full response with wrong bytes.
   On any failure every reader gets the error, and the HTTP layer cuts its
   response short of the declared length.
-* A cut body is resumed with a Range request, up to `resume_attempts` times;
-  the final digest check covers every byte.
+* A cut body is resumed with a Range request, up to `resume_attempts` times,
+  as long as each attempt brought bytes (a stalled upstream is not asked
+  again); the final digest check covers every byte.
 * Memory is bounded: the window holds at most `WINDOW` bytes per download;
   when the disk (or, uncached, the slowest reader) falls that far behind,
   the fetch waits for it.
@@ -57,7 +58,12 @@ import aiohttp
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor
 from mirror.cache.metadata import MetadataStore
-from mirror.errors import DigestMismatch, MirrorError, UpstreamUnavailable
+from mirror.errors import (
+    DigestMismatch,
+    MirrorError,
+    UpstreamDown,
+    UpstreamUnavailable,
+)
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.upstream.client import BlobResponse
@@ -333,7 +339,12 @@ class BlobDownload:
             self._notify()
             if isinstance(exc, DigestMismatch | _BodyCut):
                 ctx.metrics.verification_failures.labels("blob").inc()
-            log.warning(
+            # While upstream is marked down every miss fails at once; the
+            # client logged that once, so one line per download is noise.
+            log.log(
+                logging.DEBUG
+                if isinstance(self.error, UpstreamDown)
+                else logging.WARNING,
                 "download of blob %s for %s failed after %d bytes: %s",
                 self.digest,
                 self.repository,
@@ -439,11 +450,15 @@ class BlobDownload:
     async def _fetch_resuming(self, hasher: Hasher, temp: Path) -> None:
         resumes = 0
         while True:
+            before = self.received
             try:
                 await self._fetch(hasher, temp)
                 return
             except _BodyCut as cut:
-                if resumes >= self._ctx.resume_attempts:
+                # An attempt that brought nothing (a stalled upstream, each
+                # time after read_timeout) is not worth another: it would hold
+                # a download slot for (1 + resume_attempts) * read_timeout.
+                if resumes >= self._ctx.resume_attempts or self.received == before:
                     raise
                 resumes += 1
                 self._ctx.metrics.blob_resumes.inc()

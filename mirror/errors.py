@@ -16,6 +16,7 @@ The tree::
     +-- Overloaded               out of a local resource (file descriptors)
     +-- UpstreamError            upstream could not give us what we asked for
     |   +-- UpstreamUnavailable  refused, reset, timed out, 5xx, cut mid-body
+    |   |   +-- UpstreamDown     not asked: upstream failed moments ago
     |   +-- UpstreamRateLimited  429 from upstream
     |   +-- UpstreamDenied       401/403 after authenticating
     |   +-- ManifestTooLarge     upstream sent a manifest over the size limit
@@ -97,6 +98,10 @@ class ManifestTooLarge(UpstreamError):
 
 
 class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class UpstreamDown(UpstreamUnavailable):
     pass
 
 

@@ -186,9 +186,11 @@ class RegistryHandlers:
             response = web.StreamResponse(headers=headers)
         # Without a range: the whole blob, complete only once verified.
         start, end = requested or (0, None)
-        await response.prepare(request)
         served = self.metrics.served_bytes.labels("upstream")
         try:
+            # Inside the try: a client that reset while we waited for the
+            # first byte makes prepare() raise ConnectionResetError.
+            await response.prepare(request)
             async for chunk in download.stream(start, end):
                 async with asyncio.timeout(self.send_timeout):
                     await response.write(chunk)

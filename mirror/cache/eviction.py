@@ -141,9 +141,11 @@ class Evictor:
         """One pass: bring the store within budget. Returns what it did."""
         async with self._lock:
             await self.load()  # the CLI may have changed the store meanwhile
-            # Room for downloads in progress is made now, before they land;
-            # what they reserve beyond the whole budget they cannot have.
-            reserved = min(self._reserved, self.max_size)
+            # Room for downloads in progress is made now, before they land,
+            # but for at most half the budget: with a small cache and many
+            # large downloads, making room for all of them would evict the
+            # hot set too (the next pass trims what lands past the budget).
+            reserved = min(self._reserved, self.max_size // 2)
             # Downloads landing during the pass change self._size; they were
             # counted as reserved, so the pass works from this snapshot.
             size = self._size

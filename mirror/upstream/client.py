@@ -44,6 +44,7 @@ from mirror.errors import (
     MirrorError,
     NameUnknown,
     UpstreamDenied,
+    UpstreamDown,
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
@@ -247,7 +248,7 @@ class UpstreamClient:
         """
         down_for = self.down_for
         if down_for:
-            raise UpstreamUnavailable(
+            raise UpstreamDown(
                 "upstream is failing; not asking again for a few seconds",
                 {"retry_in": round(down_for, 1)},
             )

@@ -36,6 +36,7 @@ CASES: list[tuple[errors.MirrorError, str, int]] = [
     (errors.UpstreamRateLimited("slow down", 3.0), "TOOMANYREQUESTS", 429),
     (errors.UpstreamDenied("denied"), "DENIED", 403),
     (errors.UpstreamUnavailable("down"), "UNAVAILABLE", 503),
+    (errors.UpstreamDown("failing fast"), "UNAVAILABLE", 503),
     (errors.ManifestTooLarge("too big"), "UNAVAILABLE", 503),
     (errors.UpstreamError("upstream failed"), "UNAVAILABLE", 503),
     (errors.DigestMismatch(DIGEST, "sha256:" + "b" * 64), "UNAVAILABLE", 503),
