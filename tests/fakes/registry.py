@@ -4,7 +4,8 @@ Served by pytest-aiohttp's `aiohttp_server`, it answers the V2 pull endpoints
 like Docker Hub does (optionally behind a Bearer token challenge) and records
 every request, so tests can assert on what reached upstream. Knobs inject the
 faults a mirror must survive: failing statuses, corrupt or truncated blob
-bodies, a gate that holds blob bodies mid-stream, moved tags.
+bodies, a gate that holds blob bodies mid-stream, manifest bodies sent in two
+parts with a pause between them, moved tags.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class FakeRegistry:
     gate: asyncio.Event | None = None
     # Holds every /v2 request before it is answered, until set.
     stall: asyncio.Event | None = None
+    # Seconds between the two halves of a manifest body (a slow network).
+    manifest_split: float | None = None
     # The token realm's host:port, if not this server's own.
     realm_host: str | None = None
     # "bearer" (the token flow) or "basic" (credentials on every request).
@@ -263,7 +266,7 @@ class FakeRegistry:
     async def _base(self, request: web.Request) -> web.Response:
         return web.json_response({})
 
-    async def _manifest(self, request: web.Request) -> web.Response:
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
         name, reference = request.match_info["name"], request.match_info["reference"]
         digest = reference if ":" in reference else self.tags.get((name, reference))
         if digest is None or digest not in self.manifests:
@@ -285,7 +288,23 @@ class FakeRegistry:
             headers["docker-ratelimit-source"] = "127.0.0.1"
         if request.method == "HEAD":
             return web.Response(headers=headers)
+        if self.manifest_split is not None:
+            return await self._send_split(request, body, headers)
         return web.Response(body=body, headers=headers)
+
+    async def _send_split(
+        self, request: web.Request, body: bytes, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Headers and half the body, a pause, then the rest."""
+        assert self.manifest_split is not None
+        response = web.StreamResponse(headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        await asyncio.sleep(self.manifest_split)
+        await response.write(body[len(body) // 2 :])
+        await response.write_eof()
+        return response
 
     def cdn_app(self) -> web.Application:
         """A stand-in for Docker Hub's blob CDN: serves blobs, refuses auth."""

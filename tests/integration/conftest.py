@@ -31,6 +31,8 @@ from typing import Protocol
 import aiohttp
 import pytest
 
+from tests.fakes.tls import TlsFiles
+
 from .containerd_daemon import Containerd
 from .daemon_dirs import make_daemon_dir, remove_daemon_dir
 from .docker_daemon import DockerDaemon
@@ -463,9 +465,11 @@ def publish(upstream: Upstream, tmp_path: Path) -> Publisher:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A plain HTTP client for talking to the mirror or registry directly."""
+async def http(tls_files: TlsFiles) -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client for talking to the mirror or registry directly;
+    it trusts the test CA too, for upstreams served over TLS."""
     async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=60)
+        connector=aiohttp.TCPConnector(ssl=tls_files.client_context()),
+        timeout=aiohttp.ClientTimeout(total=60),
     ) as session:
         yield session

@@ -20,6 +20,11 @@ test's event loop, in front of the real token-auth registry
   request carrying an ``Authorization`` header: a client that forwards its
   registry credentials to another host fails its pull here.
 
+Both listeners speak HTTPS when given a server ``tls`` context, as Docker Hub
+does. Something may sit in front of each (a ``LatencyProxy``, to put a WAN
+between the mirror and the edge): ``front_port`` and ``front_cdn_port`` name
+the ports clients reach them at, and ``url`` and the CDN redirects use those.
+
 Faults are switched on with ``inject`` and off with ``clear``: an error status,
 a stalled response (held until ``clear`` or a time limit), a blob body cut
 mid-stream (part sent, then the transport aborted) or with one byte flipped,
@@ -38,6 +43,7 @@ import hmac
 import json
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -202,6 +208,12 @@ class HubEdge:
     """(limit, remaining) in the last rate-limit headers sent."""
     port: int = 0
     cdn_port: int = 0
+    tls: ssl.SSLContext | None = None
+    """Serve both listeners over TLS with this server context."""
+    front_port: int | None = None
+    """The port clients reach the registry endpoint at, if not ``port``."""
+    front_cdn_port: int | None = None
+    """The port clients reach the CDN at (redirects point there)."""
     _faults: list[Fault] = field(default_factory=list)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
     _key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
@@ -212,13 +224,22 @@ class HubEdge:
     # --- addresses ------------------------------------------------------------
 
     @property
+    def scheme(self) -> str:
+        return "http" if self.tls is None else "https"
+
+    @property
     def url(self) -> str:
         """What the mirror's ``upstream.url`` should be."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.front_port or self.port}"
+
+    @property
+    def cdn_host(self) -> str:
+        """Where blob redirects send clients (host:port)."""
+        return f"127.0.0.1:{self.front_cdn_port or self.cdn_port}"
 
     @property
     def cdn_url(self) -> str:
-        return f"http://127.0.0.1:{self.cdn_port}"
+        return f"{self.scheme}://{self.cdn_host}"
 
     # --- life cycle -------------------------------------------------------------
 
@@ -229,9 +250,9 @@ class HubEdge:
             timeout=aiohttp.ClientTimeout(total=60),
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
-        self._cdn_runner = await _serve(self._cdn, 0)
+        self._cdn_runner = await _serve(self._cdn, 0, self.tls)
         self.cdn_port = _port(self._cdn_runner)
-        self._registry_runner = await _serve(self._registry, 0)
+        self._registry_runner = await _serve(self._registry, 0, self.tls)
         self.port = _port(self._registry_runner)
 
     async def stop(self) -> None:
@@ -258,7 +279,7 @@ class HubEdge:
     async def come_up(self) -> None:
         """Listen again on the registry endpoint's port."""
         if self._registry_runner is None:
-            self._registry_runner = await _serve(self._registry, self.port)
+            self._registry_runner = await _serve(self._registry, self.port, self.tls)
 
     # --- faults -----------------------------------------------------------------
 
@@ -508,14 +529,16 @@ class HubEdge:
 
 
 async def _serve(
-    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], port: int
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    port: int,
+    tls: ssl.SSLContext | None,
 ) -> web.ServerRunner:
     """Listen on 127.0.0.1:``port`` (0: any free port) with ``handler``."""
     runner = web.ServerRunner(
         web.Server(handler), handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
     return runner
 
 

@@ -32,13 +32,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import ProxyFactory
+from tests.fakes.network import LatencyProxy, Link
+
 from . import expect
 from .cache_dir import CacheDir
 from .conftest import MirrorFactory, Published, Publisher, unique
 from .mirror_process import MirrorProcess, mirror_config
 from .skopeo import Skopeo, sha256_of
 from .test_lifecycle import samples, value
-from .throttle import ThrottledRelay
 from .tools import http_status, in_ci, require_tool
 from .upstream import Upstream
 
@@ -187,13 +189,9 @@ def big_image(
 
 
 @pytest.fixture
-def slow_upstream(upstream: Upstream) -> Iterator[ThrottledRelay]:
-    relay = ThrottledRelay(target_port=upstream.port, rate=SLOW_RATE)
-    relay.start()
-    try:
-        yield relay
-    finally:
-        relay.stop()
+def slow_upstream(upstream: Upstream, latency_proxy: ProxyFactory) -> LatencyProxy:
+    """The registry behind a proxy that sends responses at SLOW_RATE."""
+    return latency_proxy(upstream.port, response=Link(rate=SLOW_RATE))
 
 
 def _mount_or_skip(argv: list[str]) -> None:
@@ -254,7 +252,7 @@ async def reconcile_image(publish: Publisher) -> Published:
 async def test_kill_mid_download_then_restart_reconciles_files_and_rows(
     mirror_factory: MirrorFactory,
     upstream: Upstream,
-    slow_upstream: ThrottledRelay,
+    slow_upstream: LatencyProxy,
     big_image: Published,
     reconcile_image: Published,
     http: aiohttp.ClientSession,
@@ -317,7 +315,7 @@ async def test_kill_mid_download_then_restart_reconciles_files_and_rows(
     good[len(good) // 2] ^= 0xFF
     cache.plant(corrupt, bytes(good))
 
-    # Restart on the same cache, straight to the registry (no throttle).
+    # Restart on the same cache, straight to the registry (no slow proxy).
     second = mirror_factory(upstream.url, workdir=workdir, extra_toml=settings)
     assert cache.tmp_files() == {}, "start-up must empty tmp/"
     assert not cache.blob_path(big).exists()
@@ -405,7 +403,7 @@ async def test_full_disk_serves_every_attached_client_whole(
     small_fs: Path,
     mirror_factory: MirrorFactory,
     upstream: Upstream,
-    slow_upstream: ThrottledRelay,
+    slow_upstream: LatencyProxy,
     big_image: Published,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -414,7 +412,7 @@ async def test_full_disk_serves_every_attached_client_whole(
     Its bytes come first from the temp file (by then unlinked), then from
     the memory window the download keeps for its slowest reader.
     """
-    slow_upstream.rate = 16 * MiB  # about two seconds for the big layer
+    slow_upstream.response.rate = 16 * MiB  # about two seconds for the big layer
     mirror, cache = on_small_fs(mirror_factory, small_fs, slow_upstream.url)
     big = big_image.single.layer_digests[0]
     url = f"{mirror.url}/v2/{big_image.repository}/blobs/{big}"

@@ -129,6 +129,11 @@ async def edge(
             hub_edge.front_cdn_port = edge_network.cdn.port
         yield hub_edge
     finally:
+        # Proxies first: a TLS server's close waits for the peer's
+        # close_notify, which would otherwise outlive the test's loop.
+        for proxy in (edge_network.registry, edge_network.cdn):
+            if proxy is not None:
+                proxy.stop()
         await hub_edge.stop()
 
 
