@@ -277,7 +277,7 @@ class UpstreamClient:
         try:
             yield resp
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(
+            raise BodyCut(
                 "upstream body cut short", {"error": describe_error(exc)}
             ) from exc
         finally:
@@ -365,9 +365,35 @@ class UpstreamClient:
     ) -> tuple[ManifestInfo, bytes]:
         """The manifest bytes exactly as upstream sent them.
 
+        A body cut short (the connection broke or stalled mid-manifest) is
+        asked for again, up to `retries` attempts in all: each attempt spends
+        a Docker Hub pull, but a 503 would send Docker to Docker Hub itself,
+        which spends one too, outside the mirror.
+
         Raises ManifestUnknown, ManifestTooLarge, UpstreamError (including
         an invalid Content-Type).
         """
+        attempts = max(1, self._config.retries)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._get_manifest_once(repository, reference)
+            except BodyCut as exc:
+                if attempt == attempts:
+                    raise
+                self._metrics.upstream_retries.labels("manifest").inc()
+                log.info(
+                    "upstream cut manifest %s:%s short (%s); attempt %d of %d",
+                    repository,
+                    reference,
+                    exc.detail,
+                    attempt,
+                    attempts,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _get_manifest_once(
+        self, repository: str, reference: str
+    ) -> tuple[ManifestInfo, bytes]:
         async with self._request(
             "GET",
             repository,
@@ -503,6 +529,10 @@ class UpstreamClient:
                 self._invalid(
                     "too_large", f"upstream {kind} body exceeds {limit} bytes"
                 )
+
+
+class BodyCut(UpstreamUnavailable):
+    """A response body broke off (reset, stalled past read_timeout)."""
 
 
 def describe_error(exc: BaseException) -> str:

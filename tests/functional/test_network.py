@@ -255,6 +255,30 @@ async def test_blob_stalled_mid_body_is_resumed_after_read_timeout(
     assert 0 < range_start(resumed) < 300_000
 
 
+@pytest.mark.parametrize("fault", ["cut", "stall"])
+async def test_manifest_cut_mid_body_is_asked_for_again(
+    make_mirror: MirrorFactory, latency_proxy: ProxyFactory, fault: str
+) -> None:
+    """A broken manifest body is retried (a 503 would send Docker to Docker
+    Hub itself, spending a pull there instead)."""
+    upstream = FakeRegistry()
+    body = manifest_of_size(200_000)
+    digest = upstream.add_manifest("library/app", body, OCI_MANIFEST, "1")
+    network = Network(latency_proxy, {"response": wan(latency=0.01)})
+    mirror = await make_mirror(upstream, route=network, upstream_read_timeout="500ms")
+    if fault == "cut":
+        network.proxy.cut(after=50_000, times=1)
+    else:
+        network.proxy.stall(after=50_000, times=1)
+
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+
+    assert resp.status == 200
+    assert await resp.read() == body
+    assert resp.headers["Docker-Content-Digest"] == digest
+    assert upstream.count("manifest", "GET") == 2
+
+
 async def test_refused_upstream_fails_fast_and_cached_tags_are_served_stale(
     make_mirror: MirrorFactory, latency_proxy: ProxyFactory
 ) -> None:
