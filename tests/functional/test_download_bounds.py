@@ -16,6 +16,7 @@ import aiohttp
 
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
+from tests.promtext import parse_samples
 
 KiB = 1024
 # Larger than FakeRegistry's first chunk, so its gate holds every body open.
@@ -27,13 +28,7 @@ def blob(n: int) -> bytes:
 
 
 async def metrics(mirror: Mirror) -> dict[str, float]:
-    text = await (await mirror.client.get("/metrics")).text()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    return parse_samples(await (await mirror.client.get("/metrics")).text())
 
 
 async def until(check: object, mirror: Mirror, what: str) -> dict[str, float]:

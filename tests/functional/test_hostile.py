@@ -32,6 +32,7 @@ from tests.fakes.hostile import (
     redirect,
 )
 from tests.fakes.registry import OCI_MANIFEST, FakeRegistry, Image, sha256
+from tests.promtext import parse_samples
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 MiB = 1024 * 1024
@@ -95,12 +96,7 @@ async def samples(mirror: Mirror) -> dict[str, float]:
     """Every sample on /metrics: `name{labels}` -> value."""
     resp = await mirror.client.get("/metrics")
     assert resp.status == 200
-    found = {}
-    for line in (await resp.text()).splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            found[name] = float(value)
-    return found
+    return parse_samples(await resp.text())
 
 
 async def outcome(resp: aiohttp.ClientResponse, data: bytes) -> str:

@@ -25,6 +25,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.fakes.registry import FakeRegistry, sha256
+from tests.promtext import parse_samples
 
 from .cache_dir import CacheDir
 from .mirror_process import REPO_ROOT, mirror_config, mirror_environment
@@ -108,13 +109,7 @@ async def scrape(mirror: LimitedMirror) -> dict[str, float]:
         session.get(f"{mirror.url}/metrics") as resp,
     ):
         assert resp.status == 200
-        text = await resp.text()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+        return parse_samples(await resp.text())
 
 
 async def eventually(
