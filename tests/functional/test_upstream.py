@@ -348,3 +348,45 @@ async def test_basic_challenge_is_answered_with_the_credentials(
         upstream.count() - sum(1 for r in upstream.log if "Authorization" in r.headers)
         == 1
     )
+
+
+async def test_no_secret_in_logs_metrics_readyz_or_error_bodies(
+    make_mirror: MirrorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The account name, its password and the tokens issued for it appear
+    nowhere a client or a log reader can see, whether pulls work or not."""
+    upstream = FakeRegistry(auth=True, users={"ci-bot-7f3a": "pw-9c1e-secret"})
+    image = upstream.push_image("library/app", "1", [b"q" * 100])
+    mirror = await make_mirror(
+        upstream,
+        upstream_username="ci-bot-7f3a",
+        upstream_password="pw-9c1e-secret",
+    )
+    seen: list[bytes] = []
+    with caplog.at_level(logging.DEBUG):
+        for path in (
+            "/v2/library/app/manifests/1",
+            *(f"/v2/library/app/blobs/{d}" for d in image.blobs),
+            "/v2/library/nothing/manifests/1",  # an error body
+            "/v2/library/app/tags/list",
+        ):
+            seen.append(await (await mirror.client.get(path)).read())
+        upstream.revoke_tokens()
+        upstream.users = {"ci-bot-7f3a": "changed"}  # now rejected
+        mirror.clock.advance(3600)
+        resp = await mirror.client.get("/v2/library/app/manifests/1?x=1")
+        seen.append(await resp.read())
+        resp = await mirror.client.get("/v2/library/other/manifests/1")
+        assert resp.status == 403
+        seen.append(await resp.read())
+        seen.append(await (await mirror.client.get("/readyz")).read())
+        seen.append(await (await mirror.client.get("/metrics")).read())
+    assert upstream.tokens_issued >= 1
+    secrets = [
+        "ci-bot-7f3a",
+        "pw-9c1e-secret",
+        *(f"token-{n}" for n in range(1, upstream.tokens_issued + 1)),
+    ]
+    visible = caplog.text + b"".join(seen).decode(errors="replace")
+    for secret in secrets:
+        assert secret not in visible, secret
