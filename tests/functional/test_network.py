@@ -255,6 +255,28 @@ async def test_blob_stalled_mid_body_is_resumed_after_read_timeout(
     assert 0 < range_start(resumed) < 300_000
 
 
+async def test_resumes_are_bounded_even_when_each_brings_bytes(
+    make_mirror: MirrorFactory, latency_proxy: ProxyFactory
+) -> None:
+    upstream = FakeRegistry()
+    content = data("bounded", 2 * MiB)
+    digest = upstream.add_blob(content)
+    network = Network(latency_proxy, {"response": wan(latency=0.01)})
+    mirror = await make_mirror(upstream, route=network, upstream_resume_attempts="2")
+    network.proxy.cut(after=300_000, times=None)  # every connection
+
+    resp = await mirror.client.get(f"/v2/library/app/blobs/{digest}")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # cut short of Content-Length, never completed wrong
+
+    await mirror.settle()
+    gets = blob_gets(upstream, digest)
+    assert len(gets) == 3  # the first try and two resumes, each further on
+    assert 0 < range_start(gets[1]) < range_start(gets[2]) < 2 * MiB
+    assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
+
+
 @pytest.mark.parametrize("fault", ["cut", "stall"])
 async def test_manifest_cut_mid_body_is_asked_for_again(
     make_mirror: MirrorFactory, latency_proxy: ProxyFactory, fault: str

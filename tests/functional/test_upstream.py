@@ -293,20 +293,30 @@ async def test_resume_against_upstream_ignoring_range_restarts_cleanly(
     assert upstream.count("blob", "GET") == 2
 
 
-async def test_resumes_are_bounded(make_mirror: MirrorFactory) -> None:
+async def test_a_resume_that_brings_nothing_is_not_repeated(
+    make_mirror: MirrorFactory,
+) -> None:
+    """Every attempt is cut at byte 200 000: a resume from there brings
+    nothing, so there is no further resume (a stalled or broken upstream would
+    otherwise hold a download slot for every attempt). Resumes that do bring
+    bytes are bounded by resume_attempts: see test_network.py."""
     upstream = FakeRegistry()
     data = blob_data(3)
     digest = upstream.add_blob(data)
-    upstream.truncate[digest] = 200_000  # every attempt is cut
+    upstream.truncate[digest] = 200_000
     upstream.gate = asyncio.Event()
-    mirror = await make_mirror(upstream, upstream_resume_attempts="2")
+    mirror = await make_mirror(upstream, upstream_resume_attempts="5")
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     assert resp.status == 200
     await resp.content.readany()
     upstream.gate.set()
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
-    assert upstream.count("blob", "GET") == 3  # the first try and two resumes
+    # The first try; a resume from where the mirror's buffers stopped, which
+    # may still bring the bytes up to the cut (aiohttp drops what it had
+    # buffered when the connection breaks); then one that brings nothing.
+    # Not the five resumes allowed.
+    assert 2 <= upstream.count("blob", "GET") <= 3
     await mirror.settle()
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
 
