@@ -311,6 +311,12 @@ class UpstreamConfig:
     )
 
 
+def small_blob_slots(max_downloads: int) -> int:
+    """Download slots kept for small blobs (configs, small layers) on top of
+    upstream.max_downloads, so a pull can start while big layers queue."""
+    return max(2, max_downloads // 8)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     # The default depends on who runs us; load_config applies default_cache_dir().

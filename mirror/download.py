@@ -76,6 +76,8 @@ READ_CHUNK = 1024 * 1024
 # uncached, of its slowest reader).
 WINDOW = 32 * 1024 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Blobs up to this size (as a cached manifest declares it) use the small lane.
+SMALL_BLOB = 1024 * 1024
 
 Hasher = Any  # hashlib's hash objects have no public type
 
@@ -89,28 +91,35 @@ class BlobFetcher(Protocol):
 class DownloadSlots:
     """At most `limit` downloads fetch at once; the others queue, in order.
 
-    The queue length and each wait are exported as metrics, so an operator
-    sees when `upstream.max_downloads` is what pulls are waiting for.
+    Small blobs (at most `SMALL_BLOB` bytes by the size a cached manifest
+    declares: image configs, small layers) have a lane of their own,
+    `small_limit` more slots, so a pull can fetch its config, and start,
+    while big layers queue. The queue length and each wait are exported as
+    metrics, so an operator sees when `upstream.max_downloads` is what pulls
+    are waiting for.
     """
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, metrics: Metrics, small_limit: int = 0) -> None:
         self.limit = limit
         self._semaphore = asyncio.Semaphore(limit)
+        self._small = asyncio.Semaphore(small_limit) if small_limit else None
         self._metrics = metrics
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, size_hint: int | None = None) -> AsyncIterator[None]:
+        small = size_hint is not None and size_hint <= SMALL_BLOB
+        semaphore = self._small if small and self._small else self._semaphore
         started = time.monotonic()
         self._metrics.downloads_queued.inc()
         try:
-            await self._semaphore.acquire()
+            await semaphore.acquire()
         finally:
             self._metrics.downloads_queued.dec()
         self._metrics.download_queue_wait.observe(time.monotonic() - started)
         try:
             yield
         finally:
-            self._semaphore.release()
+            semaphore.release()
 
 
 @dataclass(frozen=True)
@@ -288,7 +297,7 @@ class BlobDownload:
 
     async def _run(self) -> None:
         try:
-            async with self._ctx.slots.slot():
+            async with self._ctx.slots.slot(await self._size_hint()):
                 self.queued = False
                 await self._download()
         except asyncio.CancelledError:
@@ -301,6 +310,14 @@ class BlobDownload:
             self._notify()
             self.release()
             log.debug("queued download of %s dropped: no client left", self.digest)
+
+    async def _size_hint(self) -> int | None:
+        """The size a cached manifest declares for this blob (None if none
+        does, or the database cannot say): it picks the download lane."""
+        try:
+            return await self._ctx.metadata.declared_size(str(self.digest))
+        except sqlite3.Error:
+            return None
 
     async def _download(self) -> None:
         ctx = self._ctx

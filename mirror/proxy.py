@@ -36,6 +36,7 @@ from cachetools import LRUCache
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.metadata import MetadataStore, TagRecord
+from mirror.config import small_blob_slots
 from mirror.download import BlobDownload, DownloadContext, DownloadSlots, Reader
 from mirror.errors import (
     DigestInvalid,
@@ -138,7 +139,7 @@ class PullThroughCache:
             metrics,
             evictor,
             resume_attempts,
-            DownloadSlots(max_downloads, metrics),
+            DownloadSlots(max_downloads, metrics, small_blob_slots(max_downloads)),
             clock,
             reader_timeout,
         )

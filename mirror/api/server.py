@@ -38,7 +38,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
 from mirror.api.errors import API_VERSION_HEADER, ErrorCode, error_response
-from mirror.config import Config
+from mirror.config import Config, small_blob_slots
 from mirror.logutil import OncePer, escape
 from mirror.metrics import Metrics
 
@@ -247,7 +247,8 @@ def connection_budget(config: Config) -> int:
     spare = (
         soft
         - _RESERVED_FDS
-        - _FDS_PER_DOWNLOAD * upstream.max_downloads
+        - _FDS_PER_DOWNLOAD
+        * (upstream.max_downloads + small_blob_slots(upstream.max_downloads))
         - upstream.max_connections
     )
     fits = max(1, spare // _FDS_PER_CONNECTION)

@@ -214,6 +214,17 @@ class MetadataStore:
 
     # --- blobs ----------------------------------------------------------------
 
+    async def declared_size(self, digest: str) -> int | None:
+        """The size a cached manifest declares for blob `digest`, if any (a
+        hint only: the download itself is checked against the digest)."""
+        async with self.db.execute(
+            "SELECT max(size) FROM manifest_refs WHERE child = ? AND kind = 'blob'",
+            (digest,),
+        ) as cur:
+            row = await cur.fetchone()
+        size = row[0] if row else None
+        return int(size) if isinstance(size, int) and size > 0 else None
+
     async def add_blob(self, digest: str, size: int, now: float) -> None:
         await self.db.execute(
             "INSERT INTO blobs (digest, size, created, last_access)"

@@ -36,7 +36,7 @@ from typing import NoReturn
 import aiohttp
 from multidict import CIMultiDict
 
-from mirror.config import UpstreamConfig
+from mirror.config import UpstreamConfig, small_blob_slots
 from mirror.errors import (
     BlobUnknown,
     ManifestTooLarge,
@@ -177,7 +177,10 @@ class UpstreamClient:
         if self._config.ca_file is not None:
             context.load_verify_locations(cafile=self._config.ca_file)
         self._session = self._new_session(context, self._config.max_connections)
-        self._blob_session = self._new_session(context, self._config.max_downloads)
+        downloads = self._config.max_downloads
+        self._blob_session = self._new_session(
+            context, downloads + small_blob_slots(downloads)
+        )
         self._metrics.upstream_up.set(1)
 
     def _new_session(

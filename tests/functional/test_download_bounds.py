@@ -56,12 +56,12 @@ async def test_downloads_past_the_bound_queue_and_all_complete(
     pulls = [asyncio.create_task(fetch(mirror, d)) for d in digests]
 
     values = await until(
-        lambda v: v.get("mirror_blob_downloads_queued") == 8,
+        lambda v: v.get("mirror_blob_downloads_queued") == 8
+        and upstream.count("blob", "GET") == 4,
         mirror,
-        "8 downloads queued behind 4",
+        "8 downloads queued behind 4 that reached upstream",
     )
     assert values["mirror_blob_downloads_in_progress"] == 12 - 8
-    assert upstream.count("blob", "GET") == 4
     # All four download connections are held open by the gate; manifests
     # have their own.
     resp = await mirror.client.get("/v2/library/app/manifests/1")
@@ -128,3 +128,35 @@ async def test_hundred_abandoned_misses_do_not_starve_manifests(
     status, data = await fetch(mirror, digests[99])
     assert status == 200
     assert sha256(data) == digests[99]
+
+
+async def test_a_config_blob_is_not_queued_behind_big_layers(
+    make_mirror: MirrorFactory,
+) -> None:
+    """Blobs a cached manifest declares small get a lane of their own: with
+    every regular slot held by a big layer, a pull still gets its config."""
+    upstream = FakeRegistry(gate=asyncio.Event())
+    big = [hashlib.sha256(b"big%d" % i).digest() * (64 * KiB) for i in range(2)]
+    image = upstream.push_image("library/app", "1", big)
+    mirror = await make_mirror(upstream, upstream_max_downloads="2")
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+    assert resp.status == 200  # the manifest declares the sizes
+    layers = [asyncio.create_task(fetch(mirror, d)) for d in image.layers]
+    await until(
+        lambda v: v.get("mirror_blob_downloads_in_progress") == 2,
+        mirror,
+        "both regular slots held by the gated layers",
+    )
+
+    status, config = await asyncio.wait_for(fetch(mirror, image.config_digest), 10)
+
+    assert status == 200
+    assert sha256(config) == image.config_digest
+    assert not any(task.done() for task in layers)  # still held by the gate
+    assert upstream.gate is not None
+    upstream.gate.set()
+    for (status, data), digest in zip(
+        await asyncio.gather(*layers), image.layers, strict=True
+    ):
+        assert status == 200
+        assert sha256(data) == digest
