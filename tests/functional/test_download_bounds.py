@@ -56,8 +56,10 @@ async def test_downloads_past_the_bound_queue_and_all_complete(
     pulls = [asyncio.create_task(fetch(mirror, d)) for d in digests]
 
     values = await until(
-        lambda v: v.get("mirror_blob_downloads_queued") == 8
-        and upstream.count("blob", "GET") == 4,
+        lambda v: (
+            v.get("mirror_blob_downloads_queued") == 8
+            and upstream.count("blob", "GET") == 4
+        ),
         mirror,
         "8 downloads queued behind 4 that reached upstream",
     )
