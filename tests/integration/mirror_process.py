@@ -9,8 +9,10 @@ fixtures attach to failing tests.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,58 @@ def mirror_environment() -> dict[str, str]:
         for name, value in os.environ.items()
         if not name.startswith("MIRROR_")
     }
+
+
+def launch(
+    render: Callable[[int], str],
+    *,
+    config_path: Path,
+    log_path: Path,
+    timeout: float,
+    attempts: int = 3,
+) -> tuple[ManagedProcess, int]:
+    """Write ``render(port)`` to ``config_path`` for a free port, start
+    ``python -m mirror serve --config`` on it and wait until ``GET /v2/``
+    returns 200; returns the process and its port.
+
+    Retries on a fresh port if the child dies (most likely a port taken
+    between choosing and binding it); raises ProcessDied or TimeoutError
+    carrying the mirror's output otherwise.
+    """
+    for attempt in range(attempts):
+        port = free_port()
+        config_path.write_text(render(port))
+        process = ManagedProcess(
+            name="mirror",
+            argv=[
+                sys.executable,
+                "-m",
+                "mirror",
+                "serve",
+                "--config",
+                str(config_path),
+            ],
+            log_path=log_path,
+            cwd=REPO_ROOT,
+            env=mirror_environment(),
+        )
+        process.start()
+        base = f"http://127.0.0.1:{port}/v2/"
+        try:
+            process.wait_ready(
+                functools.partial(_answers_200, base),
+                timeout=timeout,
+                what="GET /v2/ returned 200",
+            )
+            return process, port
+        except ProcessDied:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _answers_200(url: str) -> bool:
+    return http_status(url) == 200
 
 
 @dataclass
@@ -98,42 +152,19 @@ class MirrorProcess:
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(exist_ok=True)
-        for attempt in range(attempts):
-            self.port = free_port()
-            self.config_path.write_text(
-                mirror_config(
-                    port=self.port,
-                    upstream_url=self.upstream_url,
-                    cache_dir=self.cache_dir,
-                    extra=self.extra_toml,
-                    upstream=self.upstream_toml,
-                )
-            )
-            self.process = ManagedProcess(
-                name="mirror",
-                argv=[
-                    sys.executable,
-                    "-m",
-                    "mirror",
-                    "serve",
-                    "--config",
-                    str(self.config_path),
-                ],
-                log_path=self.log_path,
-                cwd=REPO_ROOT,
-                env=mirror_environment(),
-            )
-            self.process.start()
-            try:
-                self.process.wait_ready(
-                    lambda: http_status(f"{self.url}/v2/") == 200,
-                    timeout=timeout,
-                    what="GET /v2/ returned 200",
-                )
-                return
-            except ProcessDied:
-                if attempt + 1 == attempts:
-                    raise
+        self.process, self.port = launch(
+            lambda port: mirror_config(
+                port=port,
+                upstream_url=self.upstream_url,
+                cache_dir=self.cache_dir,
+                extra=self.extra_toml,
+                upstream=self.upstream_toml,
+            ),
+            config_path=self.config_path,
+            log_path=self.log_path,
+            timeout=timeout,
+            attempts=attempts,
+        )
 
     def stop(self, *, timeout: float = 10.0) -> int | None:
         """SIGTERM the mirror (SIGKILL after ``timeout``); return its status."""

@@ -11,16 +11,11 @@ the harness's ``ManagedProcess`` to run it.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.integration.mirror_process import (
-    REPO_ROOT,
-    mirror_environment,
-    toml_string,
-)
-from tests.integration.tools import ManagedProcess, ProcessDied, free_port, http_status
+from tests.integration.mirror_process import launch, toml_string
+from tests.integration.tools import ManagedProcess
 
 
 @dataclass(frozen=True)
@@ -101,40 +96,15 @@ class SoakMirror:
         """Start it and wait for ``GET /v2/`` to answer 200, on a fresh port
         if the chosen one was taken. Raises ProcessDied or TimeoutError."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(attempts):
-            self.port = free_port()
-            self.config_path.write_text(
-                self.settings.toml(
-                    port=self.port,
-                    upstream_url=self.upstream_url,
-                    cache_dir=self.cache_dir,
-                )
-            )
-            self.process = ManagedProcess(
-                name="mirror",
-                argv=[
-                    sys.executable,
-                    "-m",
-                    "mirror",
-                    "serve",
-                    "--config",
-                    str(self.config_path),
-                ],
-                log_path=self.log_path,
-                cwd=REPO_ROOT,
-                env=mirror_environment(),
-            )
-            self.process.start()
-            try:
-                self.process.wait_ready(
-                    lambda: http_status(f"{self.url}/v2/") == 200,
-                    timeout=timeout,
-                    what="GET /v2/ returned 200",
-                )
-                return
-            except ProcessDied:
-                if attempt + 1 == attempts:
-                    raise
+        self.process, self.port = launch(
+            lambda port: self.settings.toml(
+                port=port, upstream_url=self.upstream_url, cache_dir=self.cache_dir
+            ),
+            config_path=self.config_path,
+            log_path=self.log_path,
+            timeout=timeout,
+            attempts=attempts,
+        )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.alive()
