@@ -38,6 +38,7 @@ from cachetools import TLRUCache
 from mirror.errors import UpstreamDenied, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.singleflight import SingleFlight
+from mirror.upstream.body import read_bounded
 from mirror.values import loads_json
 
 log = logging.getLogger(__name__)
@@ -300,20 +301,11 @@ class TokenAuth:
         """The token body, refused past max_body_size. Raises
         UpstreamUnavailable."""
         limit = self._max_body_size
-        if (resp.content_length or 0) > limit:
+        body = await read_bounded(resp, limit)
+        if body is None:
             self._metrics.upstream_invalid.labels("too_large").inc()
             raise UpstreamUnavailable(f"upstream token response exceeds {limit} bytes")
-        parts: list[bytes] = []
-        size = 0
-        while data := await resp.content.read(min(limit + 1 - size, 65536)):
-            parts.append(data)
-            size += len(data)
-            if size > limit:
-                self._metrics.upstream_invalid.labels("too_large").inc()
-                raise UpstreamUnavailable(
-                    f"upstream token response exceeds {limit} bytes"
-                )
-        return b"".join(parts)
+        return body
 
 
 def _token_ttl(value: object) -> float:

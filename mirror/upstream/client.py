@@ -50,6 +50,7 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.upstream.auth import Credentials, TokenAuth
+from mirror.upstream.body import read_bounded
 from mirror.upstream.ratelimit import MAX_THROTTLE, RateLimit
 from mirror.upstream.retry import RetryPolicy
 from mirror.values import bounded_seconds, media_type
@@ -518,20 +519,10 @@ class UpstreamClient:
         """The whole body, read to EOF in as many reads as it takes, but never
         more than max_body_size. Raises ManifestTooLarge past the limit."""
         limit = self._config.max_body_size
-        if (resp.content_length or 0) > limit:
+        body = await read_bounded(resp, limit)
+        if body is None:
             self._invalid("too_large", f"upstream {kind} body exceeds {limit} bytes")
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            data = await resp.content.read(min(limit + 1 - size, 1024 * 1024))
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
-            size += len(data)
-            if size > limit:
-                self._invalid(
-                    "too_large", f"upstream {kind} body exceeds {limit} bytes"
-                )
+        return body
 
 
 class BodyCut(UpstreamUnavailable):
