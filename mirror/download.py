@@ -21,9 +21,10 @@ Guarantees:
 * Memory is bounded: the window holds at most `WINDOW` bytes per download;
   when the disk (or, uncached, the slowest reader) falls that far behind,
   the fetch waits for it.
-* Downloads are bounded: at most `DownloadSlots.limit` run at once
-  (`upstream.max_downloads`); the rest wait in a FIFO queue, and one whose
-  every reader left while it waited is dropped without asking upstream.
+* Downloads are bounded: at most `upstream.max_downloads` run at once (plus
+  a small lane for small blobs, see DownloadSlots); the rest wait in a FIFO
+  queue, and one whose every reader left while it waited is dropped without
+  asking upstream.
 * A download reserves its size in the cache budget while it runs (a blob of
   unknown length reserves what it has received so far), so eviction makes
   room ahead of it.
@@ -31,9 +32,10 @@ Guarantees:
   (known from Content-Length, or found out as an unknown-length body grows
   past it), or one whose write hits a full disk (ENOSPC), is streamed
   through without being cached. Then the window is trimmed by the slowest
-  reader instead of by the writer, and a reader stalled longer than `reader_timeout` is
-  dropped. Such a download takes no new readers (they start their own), and
-  the temp file is removed at once, so nothing partial is left behind.
+  reader instead of by the writer, and a reader stalled longer than
+  `reader_timeout` is dropped. Such a download takes no new readers (they
+  start their own), and the temp file is removed at once, so nothing
+  partial is left behind.
 """
 
 from __future__ import annotations
@@ -100,7 +102,6 @@ class DownloadSlots:
     """
 
     def __init__(self, limit: int, metrics: Metrics, small_limit: int = 0) -> None:
-        self.limit = limit
         self._semaphore = asyncio.Semaphore(limit)
         self._small = asyncio.Semaphore(small_limit) if small_limit else None
         self._metrics = metrics
@@ -304,12 +305,19 @@ class BlobDownload:
             if not self.queued:
                 raise
             # Every reader left while it waited: nothing was asked upstream.
-            self.error = UpstreamUnavailable("download abandoned by its clients")
-            self._on_detach(self)
-            self._started.set()
-            self._notify()
+            self._announce_failure(
+                UpstreamUnavailable("download abandoned by its clients")
+            )
             self.release()
             log.debug("queued download of %s dropped: no client left", self.digest)
+
+    def _announce_failure(self, error: BaseException) -> None:
+        """Record the download's error and wake every reader to it; from now
+        on a new request starts afresh rather than joining a failure."""
+        self.error = error
+        self._on_detach(self)
+        self._started.set()
+        self._notify()
 
     async def _size_hint(self) -> int | None:
         """The size a cached manifest declares for this blob (None if none
@@ -348,12 +356,8 @@ class BlobDownload:
                 self.repository,
             )
         except BaseException as exc:
-            self.error = _as_domain_error(exc)
-            # From now on a new request must start afresh, not join a failure;
-            # the readers attached hear of it now, not after the cleanup.
-            self._on_detach(self)
-            self._started.set()
-            self._notify()
+            # The readers attached hear of it now, not after the cleanup.
+            self._announce_failure(_as_domain_error(exc))
             if isinstance(exc, DigestMismatch | _BodyCut):
                 ctx.metrics.verification_failures.labels("blob").inc()
             # While upstream is marked down every miss fails at once; the
