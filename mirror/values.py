@@ -5,8 +5,8 @@ friends: a header or body may be malformed, huge or hostile. This module owns
 the small parsers that turn such values into something safe or refuse them:
 
 * `media_type`: a `Content-Type` per RFC 9110's grammar, ASCII only.
-* `bounded_int` / `bounded_seconds`: numbers parsed without overflow and
-  clamped to a sane range.
+* `bounded_seconds`: a delay parsed without overflow and clamped to a sane
+  range (rate-limit counts are parsed in upstream/ratelimit.py).
 * `loads_json`: `json.loads` that cannot raise RecursionError.
 
 Each raises ValueError (or returns None) on bad input; callers decide which
@@ -27,8 +27,6 @@ _PARAMETER = rf"[ \t]*;[ \t]*(?:{_TCHARS}=(?:{_TCHARS}|{_QUOTED}))?"
 _MEDIA_TYPE_RE = re.compile(rf"({_TCHARS})/({_TCHARS})(?:{_PARAMETER})*")
 # RFC 6838 4.2: type and subtype names are at most 127 characters each.
 _MAX_NAME = 127
-# Longest header value worth parsing as a number: 18 digits fit in an int64.
-_MAX_DIGITS = 18
 
 
 def media_type(value: str | None) -> str:
@@ -48,17 +46,6 @@ def media_type(value: str | None) -> str:
     if len(kind) > _MAX_NAME or len(subtype) > _MAX_NAME:
         raise ValueError("Content-Type is too long")
     return f"{kind}/{subtype}"
-
-
-def bounded_int(text: str | None, *, maximum: int) -> int | None:
-    """A non-negative decimal integer, clamped to `maximum`; None if absent,
-    malformed, or longer than any real value could be."""
-    if text is None:
-        return None
-    text = text.strip()
-    if not text.isascii() or not text.isdigit() or len(text) > _MAX_DIGITS:
-        return None
-    return min(int(text), maximum)
 
 
 def bounded_seconds(text: str | None, *, maximum: float) -> float | None:

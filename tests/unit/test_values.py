@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mirror.upstream.ratelimit import MAX_BUDGET, parse_ratelimit
-from mirror.values import bounded_int, bounded_seconds, loads_json, media_type
+from mirror.values import bounded_seconds, loads_json, media_type
 
 
 @pytest.mark.parametrize(
@@ -48,25 +48,6 @@ def test_media_type_accepts(value: str, expected: str) -> None:
 def test_media_type_rejects(value: str | None) -> None:
     with pytest.raises(ValueError, match="Content-Type"):
         media_type(value)
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("42", 42),
-        (" 7 ", 7),
-        ("0", 0),
-        ("99999999999", 1000),  # clamped
-        ("9" * 400, None),  # not a real value
-        ("-5", None),
-        ("1e3", None),
-        ("", None),
-        (None, None),
-        ("\u0663", None),  # an Arabic-Indic digit: isdigit() but not ASCII
-    ],
-)
-def test_bounded_int(text: str | None, expected: int | None) -> None:
-    assert bounded_int(text, maximum=1000) == expected
 
 
 @pytest.mark.parametrize(
