@@ -58,6 +58,21 @@ class ServerCertificate:
     hosts: tuple[str, ...]
 
 
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Signatures for both; a CA also signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 class CertificateAuthority:
     """A CA that exists only in memory (and the files it is written to)."""
 
@@ -76,20 +91,7 @@ class CertificateAuthority:
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                True,
-            )
+            .add_extension(_key_usage(ca=True), True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
             .sign(self._key, hashes.SHA256())
         )
@@ -127,20 +129,7 @@ class CertificateAuthority:
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
             )
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                True,
-            )
+            .add_extension(_key_usage(ca=False), True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
