@@ -9,8 +9,7 @@ from collections.abc import Callable
 
 
 class OncePer:
-    """`ready()` is true at most once per `interval` seconds; it counts the
-    calls it swallowed, for the next line to mention."""
+    """`ready()` is true at most once per `interval` seconds."""
 
     def __init__(
         self, interval: float, *, clock: Callable[[], float] = time.monotonic
@@ -18,15 +17,12 @@ class OncePer:
         self.interval = interval
         self._clock = clock
         self._next = 0.0
-        self.suppressed = 0
 
     def ready(self) -> bool:
         now = self._clock()
         if now < self._next:
-            self.suppressed += 1
             return False
         self._next = now + self.interval
-        self.suppressed = 0
         return True
 
 

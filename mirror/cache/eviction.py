@@ -118,10 +118,6 @@ class Evictor:
         if size > 0 and self._size + self._reserved > self.max_size:
             self._wakeup.set()
 
-    @property
-    def reserved(self) -> int:
-        return self._reserved
-
     def trigger(self) -> None:
         self._wakeup.set()
 
