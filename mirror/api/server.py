@@ -156,19 +156,20 @@ class _Handler(RequestHandler):
             return
         super().data_received(data)
 
-    def _refuse(self) -> None:
+    def _stop_waiting(self) -> None:
         if self._waiting:
             self._waiting = False
             self._limit.refusing -= 1
+
+    def _refuse(self) -> None:
+        self._stop_waiting()
         transport, self._refused = self._refused, None
         if transport is not None and not transport.is_closing():
             transport.write(_REFUSAL)
             transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._waiting:
-            self._waiting = False
-            self._limit.refusing -= 1
+        self._stop_waiting()
         self._refused = None
         if not self._admitted:
             return
