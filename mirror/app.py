@@ -1,10 +1,11 @@
 """Composition root: builds the object graph and its lifecycle.
 
-`create_app(config)` wires MetadataStore, BlobStore, UpstreamClient, Metrics,
-PullThroughCache and the handlers with constructor injection; nothing is
-opened until the aiohttp app starts, when one cleanup context opens the
-database, the blob store and the upstream session, and closes them in
-reverse order on shutdown. Tests use this same factory.
+`create_app(config)` wires MetadataStore, BlobStore, Metrics, one Registry
+(an UpstreamClient and its policies) per configured registry over shared
+connection pools, PullThroughCache and the handlers with constructor
+injection; nothing is opened until the aiohttp app starts, when one cleanup
+context opens the database, the blob store and the upstream sessions, and
+closes them in reverse order on shutdown. Tests use this same factory.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ from prometheus_client import CollectorRegistry
 from mirror.api.errors import error_middleware
 from mirror.api.handlers import RegistryHandlers
 from mirror.api.routes import add_routes, metrics_middleware
+from mirror.api.routing import echo_namespace
 from mirror.api.server import serve
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.integrity import reconcile
 from mirror.cache.metadata import DATABASE_NAME, MetadataStore
-from mirror.config import Config
-from mirror.metrics import Metrics
+from mirror.config import Config, RegistryConfig
+from mirror.metrics import Metrics, UpstreamMetrics
 from mirror.proxy import PullThroughCache
-from mirror.upstream.client import UpstreamClient
+from mirror.registry import Registries, Registry
+from mirror.upstream.client import UpstreamClient, UpstreamPools
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ RELOADABLE_KEYS = frozenset(
         "log.level",
     }
 )
+# Keys of a [registries."<host>"] table a SIGHUP applies.
+RELOADABLE_REGISTRY_KEYS = frozenset({"tag_ttl", "max_stale", "ratelimit_warn_below"})
 # How often batched last-access times are written to SQLite.
 ACCESS_FLUSH_INTERVAL = 10.0
 
@@ -70,7 +75,17 @@ def create_app(
     metadata = MetadataStore(config.cache.dir / DATABASE_NAME)
     blobs = BlobStore(config.cache.dir)
     metrics = Metrics(registry)
-    upstream = UpstreamClient(config.upstream, metrics, clock=monotonic)
+    pools = UpstreamPools(
+        config.upstream.max_connections, config.upstream.max_downloads
+    )
+    clients: dict[str, UpstreamClient] = {}
+    registries = []
+    for settings in config.registry_configs():
+        bound = UpstreamMetrics(metrics, settings.host)
+        client = UpstreamClient(settings.upstream, bound, pools, clock=monotonic)
+        clients[settings.host] = client
+        registries.append(Registry(settings, client, bound))
+    served = Registries(registries)
     pins = PinSet()
     evictor = Evictor(
         metadata,
@@ -85,20 +100,17 @@ def create_app(
     cache = PullThroughCache(
         metadata,
         blobs,
-        upstream,
+        served,
         metrics,
         evictor=evictor,
         pins=pins,
-        tag_ttl=config.cache.tag_ttl,
-        max_stale=config.cache.max_stale,
-        resume_attempts=config.upstream.resume_attempts,
-        reader_timeout=config.upstream.read_timeout,
         max_downloads=config.upstream.max_downloads,
         clock=clock,
     )
     handlers = RegistryHandlers(cache, metrics, send_timeout=config.server.send_timeout)
 
     app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware])
+    app.on_response_prepare.append(echo_namespace)
     app[CACHE] = cache
     app[METRICS] = metrics
     app[EVICTOR] = evictor
@@ -108,13 +120,15 @@ def create_app(
     def reload(new: Config) -> list[str]:
         """Apply what can change live; returns the changed keys that cannot."""
         nonlocal current
-        cache.tag_ttl = new.cache.tag_ttl
-        cache.max_stale = new.cache.max_stale
+        by_host = {r.host: r for r in new.registry_configs()}
+        for served_registry in served:
+            settings = by_host.get(served_registry.name)
+            if settings is not None:
+                _apply_registry(served_registry, clients[settings.host], settings)
         evictor.max_size = new.cache.max_size
         evictor.min_free = new.cache.min_free
         evictor.low_watermark = new.cache.low_watermark
         evictor.interval = new.cache.eviction_interval
-        upstream.ratelimit.warn_below = new.upstream.ratelimit_warn_below
         logging.getLogger("mirror").setLevel(new.log.level.upper())
         evictor.trigger()
         changed = [
@@ -132,20 +146,25 @@ def create_app(
             await blobs.open()
             await reconcile(metadata, blobs, clock())
             await evictor.load()
-            await upstream.open()
-            stack.push_async_callback(upstream.close)
+            await pools.open()
+            stack.push_async_callback(pools.close)
+            for client in clients.values():
+                await client.open()
+                stack.push_async_callback(client.close)
             flusher = asyncio.create_task(_housekeeping(metadata, cache, evictor))
             stack.push_async_callback(_cancel, flusher)
             worker = asyncio.create_task(evictor.run())
             stack.push_async_callback(_cancel, worker)
             stack.push_async_callback(cache.close)
             evictor.trigger()  # the budget may have shrunk while we were down
-            log.info(
-                "mirroring %s (%s) into %s",
-                config.upstream.url,
-                "with credentials" if config.upstream.username else "anonymously",
-                config.cache.dir,
-            )
+            for settings in config.registry_configs():
+                log.info(
+                    "mirroring %s from %s (%s)",
+                    settings.host,
+                    settings.upstream.url,
+                    "with credentials" if settings.upstream.username else "anonymously",
+                )
+            log.info("caching into %s", config.cache.dir)
             yield
 
     app.cleanup_ctx.append(lifecycle)
@@ -190,10 +209,38 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
+def _apply_registry(
+    registry: Registry, client: UpstreamClient, settings: RegistryConfig
+) -> None:
+    """Apply a registry's live keys (RELOADABLE_REGISTRY_KEYS)."""
+    registry.tag_ttl = settings.tag_ttl
+    registry.max_stale = settings.max_stale
+    client.ratelimit.warn_below = settings.upstream.ratelimit_warn_below
+
+
 def _changed_keys(old: Config, new: Config) -> Iterator[str]:
-    """`section.key` of every value that differs between two configs."""
+    """`section.key` of every value that differs between two configs, then
+    the changes to [registries] tables (see _changed_registry_keys)."""
+    yield from _changed_registry_keys(old, new)
     for section in dataclasses.fields(old):
+        if section.name == "registries":
+            continue
         before, after = getattr(old, section.name), getattr(new, section.name)
         for key in dataclasses.fields(before):
             if getattr(before, key.name) != getattr(after, key.name):
                 yield f"{section.name}.{key.name}"
+
+
+def _changed_registry_keys(old: Config, new: Config) -> Iterator[str]:
+    """`registries."<host>"` for a registry added or removed, and
+    `registries."<host>".key` for each changed key a SIGHUP cannot apply."""
+    before = {r.host: r for r in old.registries}
+    after = {r.host: r for r in new.registries}
+    for host in sorted(before.keys() ^ after.keys()):
+        yield f'registries."{host}"'
+    for host in sorted(before.keys() & after.keys()):
+        was, now = before[host], after[host]
+        for key in dataclasses.fields(was.upstream):
+            changed = getattr(was.upstream, key.name) != getattr(now.upstream, key.name)
+            if changed and key.name not in RELOADABLE_REGISTRY_KEYS:
+                yield f'registries."{host}".{key.name}'

@@ -4,6 +4,10 @@ argv -> load_config -> logging -> run the app (`serve`), or call into
 `mirror.ops` / `mirror.warm` and print the result: a table, or JSON with
 `--json`. Exit status 2 means the configuration or the command line is
 wrong; nothing was served or changed.
+
+Images and repositories are named as for `docker pull`: bare names are
+docker.io's (`alpine` is `library/alpine`), others carry their registry
+(`ghcr.io/owner/app:1`, `registry.corp:5000/team/app`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ log = logging.getLogger("mirror")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mirror", description="Pull-through caching mirror for Docker Hub."
+        prog="mirror",
+        description="Pull-through caching mirror for Docker Hub and other registries.",
     )
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,19 +151,23 @@ def add_operator_commands(commands: argparse._SubParsersAction[Any]) -> None:
     commands.add_parser(
         "status",
         parents=[cache_opts],
-        help="cache size and budget, counts, access range, free disk",
+        help="cache size and budget, counts (per registry), access range, free disk",
     )
     ls = commands.add_parser(
         "ls", parents=[cache_opts], help="cached repositories, or one's tags"
     )
-    ls.add_argument("repository", nargs="?", metavar="REPO", help="e.g. alpine")
+    ls.add_argument(
+        "repository", nargs="?", metavar="REPO", help="e.g. alpine, ghcr.io/owner/app"
+    )
     purge = commands.add_parser(
         "purge",
         parents=[cache_opts],
         help="remove a repository, a tag, or what was not used for a while",
         description="Remove REPO (its tags and manifests) or REPO:TAG, or "
         "everything last used longer ago than --older-than; then the "
-        "manifests and blobs nothing else needs. See docs/operations.md.",
+        "manifests and blobs nothing else needs. REPO is docker.io's unless "
+        "it names a registry (ghcr.io/owner/app:1), and only that registry's "
+        "repository goes. See docs/operations.md.",
     )
     purge.add_argument("image", nargs="?", metavar="REPO[:TAG]")
     purge.add_argument(
@@ -187,7 +196,9 @@ def add_operator_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "them: manifests (every platform of an index, or --platform), config "
         "and layers. Exit status 1 if any image failed.",
     )
-    warm.add_argument("images", nargs="*", metavar="IMAGE", help="e.g. alpine:3")
+    warm.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="e.g. alpine:3, ghcr.io/owner/app:1"
+    )
     warm.add_argument(
         "--file",
         type=Path,
@@ -272,11 +283,11 @@ def _ls(args: argparse.Namespace, config: Config) -> int:
     ref = ops.parse_image_ref(args.repository)
     if ref.tag is not None or ref.digest is not None:
         raise ops.UsageError(f"ls takes a repository name, not {args.repository!r}")
-    tags = asyncio.run(ops.list_tags(config.cache, ref.repository))
+    tags = asyncio.run(ops.list_tags(config.cache, ref.registry, ref.repository))
     _print(
         args,
-        {"repository": ref.repository, "tags": tags},
-        ops.render_tags(ref.repository, tags, time.time()),
+        {"registry": ref.registry, "repository": ref.repository, "tags": tags},
+        ops.render_tags(ref.name, tags, time.time()),
     )
     return 0
 

@@ -7,11 +7,18 @@ adding a key is adding a field. Every key `section.key` can be set by the
 environment variable `MIRROR_<SECTION>_<KEY>` (upper case), which wins over
 the file. Unknown keys and unknown `MIRROR_*` variables are errors, because a
 typo silently ignored is an outage nobody can explain.
+
+`[upstream]` configures Docker Hub; every other registry is a table
+`[registries."<host>"]` keyed by the host clients use, whose keys are set from
+the environment as `MIRROR_REGISTRY_<SLUG>_<KEY>` (see `registry_slug`).
+`Config.registry_configs()` lists them all, Docker Hub first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
 import os
 import re
 import ssl
@@ -24,7 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DOCKER_HUB = "https://registry-1.docker.io"
+DOCKER_IO = "docker.io"
+# Host names that mean Docker Hub in a reference or an ?ns= value.
+DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 ENV_PREFIX = "MIRROR_"
+REGISTRIES_ENV = "MIRROR_REGISTRIES"
+REGISTRY_ENV_PREFIX = "MIRROR_REGISTRY_"
 # What Kubernetes injects for a Service named "mirror" (MIRROR_SERVICE_HOST,
 # MIRROR_PORT_5000_TCP_ADDR, ...): not ours, and no config key looks like it.
 _KUBERNETES_SERVICE_VARIABLE = re.compile(r"^MIRROR_(SERVICE_[A-Z0-9_]+|PORT(_.*)?)$")
@@ -126,6 +138,11 @@ def parse_url(value: object) -> str:
     A `user:password@` part is refused without echoing the value: it would
     otherwise end up in logs and on /readyz.
     """
+    return _parse_url(value, "upstream")
+
+
+def _parse_url(value: object, owner: str) -> str:
+    """parse_url, with the refusal of credentials naming `owner`'s keys."""
     if isinstance(value, str):
         try:
             parts = urlsplit(value)
@@ -135,7 +152,7 @@ def parse_url(value: object) -> str:
         if "@" in parts.netloc:
             raise ValueError(
                 "must not carry credentials (user:password@); set "
-                "upstream.username and upstream.password (or password_file)"
+                f"{owner}.username and {owner}.password (or password_file)"
             )
         if parts.scheme in {"http", "https"} and parts.hostname:
             return value.rstrip("/")
@@ -209,6 +226,94 @@ def parse_hosts(value: object) -> tuple[str, ...]:
     if isinstance(items, list | tuple) and all(isinstance(i, str) for i in items):
         return tuple(i.strip().lower() for i in items if i.strip())
     raise ValueError(f"{value!r} is not a list of host names")
+
+
+# One component of a domain name in the reference grammar: letters, digits and
+# inner hyphens. Matched after lower-casing.
+_DOMAIN_COMPONENT = r"(?:[a-z0-9]|[a-z0-9][a-z0-9-]*[a-z0-9])"
+_REGISTRY_HOST_RE = re.compile(
+    rf"(?:(?P<name>{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*)"
+    r"|\[(?P<ipv6>[0-9a-f:.]+)\])"
+    r"(?::(?P<port>[1-9][0-9]{0,4}))?"
+)
+_DOTTED_QUAD_RE = re.compile(r"[0-9]+(?:\.[0-9]+){3}")
+
+
+def parse_registry_host(value: object) -> str:
+    """A registry host as a reference names it, lower-cased: `ghcr.io`,
+    `registry.corp:5000`, `10.0.0.7:5000`, `[fd00::7]:5000`.
+
+    The domain of the reference grammar: a host name, an IPv4 address or a
+    bracketed IPv6 address, optionally with a port from 1 to 65535.
+    """
+    if isinstance(value, str):
+        host = value.lower()
+        match = _REGISTRY_HOST_RE.fullmatch(host)
+        if match and _valid_host_parts(match):
+            return host
+    raise ValueError(
+        f"{value!r} is not a registry host (use e.g. ghcr.io or registry.corp:5000)"
+    )
+
+
+def _valid_host_parts(match: re.Match[str]) -> bool:
+    """The address and port checks a regular expression cannot make."""
+    name, ipv6, port = match.group("name", "ipv6", "port")
+    if port is not None and int(port) > 65535:
+        return False
+    try:
+        if ipv6 is not None:
+            ipaddress.IPv6Address(ipv6)
+        elif _DOTTED_QUAD_RE.fullmatch(name):
+            ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def registry_slug(host: str) -> str:
+    """What stands for `host` in environment variable names: upper case, every
+    character outside A-Z0-9 replaced by `_` (`registry.corp:5000` ->
+    `REGISTRY_CORP_5000`)."""
+    return re.sub(r"[^A-Z0-9]", "_", host.upper())
+
+
+# Repository-name characters, plus the glob characters `*`, `?` (and `**`).
+_PATTERN_RE = re.compile(r"[a-z0-9._/*?-]+")
+
+
+def parse_patterns(value: object) -> tuple[str, ...]:
+    """Repository globs for allow/deny: a TOML array of strings, or a
+    comma-separated string (environment; empty items are skipped).
+
+    A pattern is repository-name characters (`a-z 0-9 . _ / -`) with `*` and
+    `?` (which do not cross `/`) and `**` (which does). Raises ValueError.
+    """
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list | tuple) and all(isinstance(i, str) for i in value):
+        items = list(value)
+    else:
+        raise ValueError(f"{value!r} is not a list of repository patterns")
+    for item in items:
+        _check_pattern(item)
+    return tuple(items)
+
+
+def _check_pattern(pattern: str) -> None:
+    """Raises ValueError for a pattern that is not one, or can never match."""
+    if not _PATTERN_RE.fullmatch(pattern):
+        raise ValueError(
+            f"{pattern!r} is not a repository pattern "
+            "(use a-z 0-9 . _ / - and the globs * ? **)"
+        )
+    if "***" in pattern:
+        raise ValueError(f"{pattern!r} is not a repository pattern (* or **, not ***)")
+    if "" in pattern.split("/"):
+        # Repository names have no empty path component: this never matches.
+        raise ValueError(
+            f"{pattern!r} is not a repository pattern (no leading, trailing or //)"
+        )
 
 
 def parse_text(value: object) -> str:
@@ -309,6 +414,17 @@ class UpstreamConfig:
         4 * 1024**2,
         "largest manifest, tag list, token or error body read into memory",
     )
+    allow: tuple[str, ...] = _key(
+        parse_patterns, (), "repositories served (globs); empty: every one"
+    )
+    deny: tuple[str, ...] = _key(
+        parse_patterns, (), "repositories refused (globs); wins over allow"
+    )
+
+
+# Keys of [upstream] that bound the whole process, not one registry: a
+# registry's UpstreamConfig carries [upstream]'s values of them.
+_PROCESS_WIDE_KEYS = ("max_downloads", "max_connections", "max_body_size")
 
 
 def small_blob_slots(max_downloads: int) -> int:
@@ -354,11 +470,34 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """One upstream registry as the mirror serves it."""
+
+    # The name clients use, lower case: "docker.io", "ghcr.io", "registry.corp:5000".
+    host: str
+    # url, credentials, timeouts, retries, allow/deny; the process-wide bounds
+    # (max_downloads, max_connections, max_body_size) are [upstream]'s.
+    upstream: UpstreamConfig
+    tag_ttl: float
+    max_stale: float | None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    # Docker Hub, and the process-wide upstream bounds.
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Every registry other than docker.io, sorted by host.
+    registries: tuple[RegistryConfig, ...] = ()
+
+    def registry_configs(self) -> tuple[RegistryConfig, ...]:
+        """docker.io first (from [upstream] and [cache]), then `registries`."""
+        docker_io = RegistryConfig(
+            DOCKER_IO, self.upstream, self.cache.tag_ttl, self.cache.max_stale
+        )
+        return (docker_io, *self.registries)
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -382,6 +521,35 @@ def env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section}_{key}".upper()
 
 
+def registry_env_name(host: str, key: str) -> str:
+    """`MIRROR_REGISTRY_<SLUG>_<KEY>`: the variable for one key of a registry."""
+    return f"{REGISTRY_ENV_PREFIX}{registry_slug(host)}_{key.upper()}"
+
+
+# Descriptions of a registry's keys where [upstream]'s speak of Docker Hub.
+_REGISTRY_DOCS = {
+    "url": "registry to mirror",
+    "username": "user to pull as (or empty: anonymous)",
+}
+
+
+def _registry_keys() -> list[tuple[str, Callable[[object], Any], str, str]]:
+    """(key, parser, default as documented, description) of every key a
+    `[registries."<host>"]` table takes: [upstream]'s per-registry keys with
+    their built-in defaults (never [upstream]'s values: Docker Hub's
+    credentials must not go to another registry), and [cache]'s tag keys."""
+    keys = []
+    for f in dataclasses.fields(UpstreamConfig):
+        if f.name not in _PROCESS_WIDE_KEYS:
+            default = "https://<host>" if f.name == "url" else str(f.default)
+            doc = _REGISTRY_DOCS.get(f.name, f.metadata["doc"])
+            keys.append((f.name, f.metadata["parse"], default, doc))
+    for f in dataclasses.fields(CacheConfig):
+        if f.name in {"tag_ttl", "max_stale"}:
+            keys.append((f.name, f.metadata["parse"], "[cache]'s", f.metadata["doc"]))
+    return keys
+
+
 def load_config(
     path: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -392,18 +560,8 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     raw = _read_file(path) if path is not None else {}
-
-    known_env: dict[str, tuple[str, str]] = {}
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            known_env[env_name(section, f.name)] = (section, f.name)
-    for name in environ:
-        if (
-            name.startswith(ENV_PREFIX)
-            and name not in known_env
-            and not _KUBERNETES_SERVICE_VARIABLE.match(name)
-        ):
-            raise ConfigError(f"unknown environment variable {name}")
+    tables = _registry_tables(raw.pop("registries", {}), environ)
+    _check_environment(environ, tables)
 
     sections: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
@@ -426,12 +584,18 @@ def load_config(
         if section == "cache" and "dir" not in values:
             values["dir"] = default_cache_dir(environ)
         sections[section] = cls(**values)
-    sections["upstream"] = _read_password(sections["upstream"])
-    _check_ca_file(sections["upstream"].ca_file)
+    upstream = _read_password(sections["upstream"], "upstream")
+    _check_ca_file(upstream.ca_file, "upstream.ca_file")
+    _check_docker_io_patterns(upstream)
+    sections["upstream"] = upstream
     if raw:
         raise ConfigError(f"unknown section [{sorted(raw)[0]}]")
 
-    return Config(**sections)
+    registries = tuple(
+        _load_registry(host, tables[host], environ, upstream, sections["cache"])
+        for host in sorted(tables)
+    )
+    return Config(**sections, registries=registries)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -444,8 +608,156 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def _registry_tables(
+    given: object, environ: Mapping[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Host -> its table, from [registries] and MIRROR_REGISTRIES (which adds
+    registries with default settings; a host in both is one registry).
+
+    Raises ConfigError for a bad host, Docker Hub, or two hosts sharing a slug.
+    """
+    if not isinstance(given, dict):
+        raise ConfigError("[registries] must be a table")
+    tables: dict[str, dict[str, Any]] = {}
+    written_as: dict[str, str] = {}
+    for written, table in given.items():
+        key = f'registries."{written}"'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{key} must be a table")
+        host = _registry_host(written, key)
+        if host in tables:
+            raise ConfigError(
+                f'{key}: the same host as registries."{written_as[host]}"'
+            )
+        tables[host], written_as[host] = table, written
+    for item in environ.get(REGISTRIES_ENV, "").split(","):
+        if item.strip():
+            tables.setdefault(_registry_host(item.strip(), REGISTRIES_ENV), {})
+
+    slugs: dict[str, str] = {}
+    for host in sorted(tables):
+        slug = registry_slug(host)
+        other = slugs.setdefault(slug, host)
+        if other != host:
+            raise ConfigError(
+                f'registries."{other}" and registries."{host}" would share the '
+                f"variables {REGISTRY_ENV_PREFIX}{slug}_*: configure only one"
+            )
+    return tables
+
+
+def _registry_host(value: str, key: str) -> str:
+    """A [registries] host; `key` names where it came from. Raises ConfigError."""
+    try:
+        host = parse_registry_host(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if host in DOCKER_HUB_HOSTS:
+        raise ConfigError(
+            f"{key}: {host} is Docker Hub; configure it in [upstream] "
+            "(MIRROR_UPSTREAM_*), not under [registries]"
+        )
+    return host
+
+
+def _process_wide(name: str) -> str:
+    return (
+        f"{name}: max_downloads, max_connections and max_body_size bound the "
+        "whole process, not one registry; set them in [upstream]"
+    )
+
+
+def _check_environment(
+    environ: Mapping[str, str], tables: Mapping[str, object]
+) -> None:
+    """Every `MIRROR_*` variable must be a key's (or Kubernetes'). A registry's
+    variables exist only for a registry the file or MIRROR_REGISTRIES defines.
+
+    Raises ConfigError.
+    """
+    known = {REGISTRIES_ENV}
+    for section, cls in SECTIONS.items():
+        known.update(env_name(section, f.name) for f in dataclasses.fields(cls))
+    process_wide: set[str] = set()
+    for host in tables:
+        known.update(registry_env_name(host, key) for key, *_ in _registry_keys())
+        process_wide.update(registry_env_name(host, k) for k in _PROCESS_WIDE_KEYS)
+    for name in environ:
+        if name in process_wide:
+            raise ConfigError(_process_wide(name))
+        if (
+            name.startswith(ENV_PREFIX)
+            and name not in known
+            and not _KUBERNETES_SERVICE_VARIABLE.match(name)
+        ):
+            raise ConfigError(f"unknown environment variable {name}")
+
+
+def _check_docker_io_patterns(upstream: UpstreamConfig) -> None:
+    """docker.io names are matched in their `library/` form, so a pattern
+    without a namespace would never match. Raises ConfigError."""
+    for key in ("allow", "deny"):
+        for pattern in getattr(upstream, key):
+            if "/" not in pattern and pattern != "**":
+                raise ConfigError(
+                    f"upstream.{key}: {pattern!r}: docker.io names have a "
+                    f"namespace: write library/{pattern}, not {pattern}"
+                )
+
+
+def _load_registry(
+    host: str,
+    table: Mapping[str, Any],
+    environ: Mapping[str, str],
+    upstream: UpstreamConfig,
+    cache: CacheConfig,
+) -> RegistryConfig:
+    """One registry from its table and its `MIRROR_REGISTRY_<SLUG>_*` variables
+    (which win). Raises ConfigError."""
+    prefix = f'registries."{host}"'
+    given = dict(table)
+    for key in _PROCESS_WIDE_KEYS:
+        if key in given:
+            raise ConfigError(_process_wide(f"{prefix}.{key}"))
+    values: dict[str, Any] = {key: getattr(upstream, key) for key in _PROCESS_WIDE_KEYS}
+    values["url"] = f"https://{host}"
+    tag_ttl, max_stale = cache.tag_ttl, cache.max_stale
+    for key, parse, _default, _doc in _registry_keys():
+        value: object = given.pop(key, None)
+        value = environ.get(registry_env_name(host, key), value)
+        if value is None:
+            continue
+        if key == "url":
+            parse = functools.partial(_parse_url, owner=prefix)
+        try:
+            parsed = parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}.{key}: {exc}") from None
+        if key == "tag_ttl":
+            tag_ttl = parsed
+        elif key == "max_stale":
+            max_stale = parsed
+        else:
+            values[key] = parsed
+    if given:
+        key = sorted(given)[0]
+        hint = (
+            f' (quote a host with dots: [registries."{host}.{key}"])'
+            if isinstance(given[key], dict)
+            else ""
+        )
+        raise ConfigError(f"unknown key {prefix}.{key}{hint}")
+    registry_upstream = _read_password(UpstreamConfig(**values), prefix)
+    _check_ca_file(registry_upstream.ca_file, f"{prefix}.ca_file")
+    return RegistryConfig(host, registry_upstream, tag_ttl, max_stale)
+
+
 def describe() -> list[tuple[str, str, str, str]]:
-    """(key, environment variable, default, description) for every key."""
+    """(key, environment variable, default, description) for every key.
+
+    A registry's keys are named `registries."<host>".<key>` and
+    `MIRROR_REGISTRY_<SLUG>_<KEY>`, with the placeholders as written.
+    """
     rows = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
@@ -457,11 +769,30 @@ def describe() -> list[tuple[str, str, str, str]]:
                     f.metadata["doc"],
                 )
             )
+    rows.append(
+        (
+            'registries."<host>"',
+            REGISTRIES_ENV,
+            "none",
+            "another registry to serve, by the host clients use; the variable "
+            "lists hosts (comma-separated) served with default settings",
+        )
+    )
+    for key, _parse, default, doc in _registry_keys():
+        rows.append(
+            (
+                f'registries."<host>".{key}',
+                f"{REGISTRY_ENV_PREFIX}<SLUG>_{key.upper()}",
+                default,
+                doc,
+            )
+        )
     return rows
 
 
-def _read_password(upstream: UpstreamConfig) -> UpstreamConfig:
+def _read_password(upstream: UpstreamConfig, owner: str) -> UpstreamConfig:
     """Resolve password_file into password; check the credentials add up.
+    `owner` names the table in messages (`upstream`, `registries."ghcr.io"`).
 
     Raises ConfigError.
     """
@@ -469,34 +800,33 @@ def _read_password(upstream: UpstreamConfig) -> UpstreamConfig:
     if upstream.password_file is not None:
         if password:
             raise ConfigError(
-                "upstream.password_file: give either password or password_file"
+                f"{owner}.password_file: give either password or password_file"
             )
         try:
             password = upstream.password_file.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"upstream.password_file: cannot read: {exc}") from None
+            raise ConfigError(f"{owner}.password_file: cannot read: {exc}") from None
     if bool(upstream.username) != bool(password):
         raise ConfigError(
-            "upstream.username: username and password go together"
+            f"{owner}.username: username and password go together"
             if upstream.username
-            else "upstream.password: set upstream.username too"
+            else f"{owner}.password: set {owner}.username too"
         )
     return dataclasses.replace(upstream, password=password)
 
 
-def _check_ca_file(path: Path | None) -> None:
-    """The CA bundle must load now, not at the first upstream request.
-
-    Raises ConfigError.
+def _check_ca_file(path: Path | None, key: str) -> None:
+    """The CA bundle must load now, not at the first upstream request. `key`
+    names it in messages. Raises ConfigError.
     """
     if path is None:
         return
     try:
         ssl.create_default_context().load_verify_locations(cafile=path)
-    except OSError as exc:
-        raise ConfigError(
-            f"upstream.ca_file: cannot read {path}: {exc.strerror}"
-        ) from None
+    # SSLError is an OSError: it must come first, or a file that was read but
+    # holds no certificate would be reported as unreadable.
     except (ssl.SSLError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or "no PEM certificates"
-        raise ConfigError(f"upstream.ca_file: {path}: {reason}") from None
+        reason = getattr(exc, "reason", None) or "no certificate found"
+        raise ConfigError(f"{key}: {path}: not a PEM CA bundle ({reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None

@@ -50,10 +50,9 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 
@@ -68,7 +67,7 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.reference import Digest
-from mirror.upstream.client import BlobResponse
+from mirror.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,6 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SMALL_BLOB = 1024 * 1024
 
 Hasher = Any  # hashlib's hash objects have no public type
-
-
-class BlobFetcher(Protocol):
-    def blob(
-        self, repository: str, digest: str, offset: int = 0
-    ) -> AbstractAsyncContextManager[BlobResponse]: ...
 
 
 class DownloadSlots:
@@ -125,19 +118,15 @@ class DownloadSlots:
 
 @dataclass(frozen=True)
 class DownloadContext:
-    """What every download needs; built once by the cache."""
+    """What every download needs, whichever registry it fetches from; built
+    once by the cache."""
 
-    upstream: BlobFetcher
     blobs: BlobStore
     metadata: MetadataStore
     metrics: Metrics
     evictor: Evictor
-    resume_attempts: int
     slots: DownloadSlots
     clock: Callable[[], float] = time.time
-    # How long an uncached download waits for its slowest reader before
-    # dropping it, so one stalled client cannot stall the others.
-    reader_timeout: float = 60.0
 
 
 class BlobDownload:
@@ -145,11 +134,13 @@ class BlobDownload:
 
     def __init__(
         self,
+        registry: Registry,
         repository: str,
         digest: Digest,
         context: DownloadContext,
         on_detach: Callable[[BlobDownload], None],
     ) -> None:
+        self.registry = registry
         self.repository = repository
         self.digest = digest
         self._ctx = context
@@ -177,6 +168,11 @@ class BlobDownload:
         self._readers: dict[int, int] = {}  # reader id -> its next offset
         self._dropped: set[int] = set()  # readers too slow to wait for
         self._reader_ids = itertools.count()
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """Where it fetches from: the registry's name and the repository."""
+        return (self.registry.name, self.repository)
 
     def start(self) -> asyncio.Task[None]:
         self.task = asyncio.create_task(self._run(), name=f"download {self.digest}")
@@ -349,25 +345,27 @@ class BlobDownload:
             if self.cached:
                 await self._commit(temp)
             log.info(
-                "%s blob %s (%d bytes) for %s",
+                "%s blob %s (%d bytes) for %s/%s",
                 "cached" if self.cached else "streamed uncached",
                 self.digest,
                 self.received,
+                self.registry.name,
                 self.repository,
             )
         except BaseException as exc:
             # The readers attached hear of it now, not after the cleanup.
             self._announce_failure(_as_domain_error(exc))
             if isinstance(exc, DigestMismatch | _BodyCut):
-                ctx.metrics.verification_failures.labels("blob").inc()
+                self.registry.metrics.verification_failures.labels("blob").inc()
             # While upstream is marked down every miss fails at once; the
             # client logged that once, so one line per download is noise.
             log.log(
                 logging.DEBUG
                 if isinstance(self.error, UpstreamDown)
                 else logging.WARNING,
-                "download of blob %s for %s failed after %d bytes: %s",
+                "download of blob %s for %s/%s failed after %d bytes: %s",
                 self.digest,
+                self.registry.name,
                 self.repository,
                 self.received,
                 self.error,
@@ -479,10 +477,11 @@ class BlobDownload:
                 # An attempt that brought nothing (a stalled upstream, each
                 # time after read_timeout) is not worth another: it would hold
                 # a download slot for (1 + resume_attempts) * read_timeout.
-                if resumes >= self._ctx.resume_attempts or self.received == before:
+                attempts = self.registry.resume_attempts
+                if resumes >= attempts or self.received == before:
                     raise
                 resumes += 1
-                self._ctx.metrics.blob_resumes.inc()
+                self.registry.metrics.blob_resumes.inc()
                 log.info(
                     "upstream cut blob %s at byte %d of %s (%s); resuming (%d/%d)",
                     self.digest,
@@ -490,7 +489,7 @@ class BlobDownload:
                     self.size,
                     cut.detail,
                     resumes,
-                    self._ctx.resume_attempts,
+                    attempts,
                 )
 
     async def _fetch(self, hasher: Hasher, temp: Path) -> None:
@@ -500,7 +499,7 @@ class BlobDownload:
         upstream refuses, DigestMismatch if the body is longer than declared
         or upstream changed its size.
         """
-        async with self._ctx.upstream.blob(
+        async with self.registry.upstream.blob(
             self.repository, str(self.digest), offset=self.received
         ) as resp:
             if self.size is None:
@@ -529,7 +528,7 @@ class BlobDownload:
         Raises _BodyCut if reading fails, DigestMismatch if the body runs
         past the declared size.
         """
-        received = self._ctx.metrics.upstream_bytes.labels("blob")
+        received = self.registry.metrics.bytes.labels("blob")
         try:
             while True:
                 data = await content.readany()
@@ -586,7 +585,10 @@ class BlobDownload:
                 return
             slowest = min(self._readers.values(), default=None)
             try:
-                async with asyncio.timeout(self._ctx.reader_timeout):
+                # How long an uncached download waits for its slowest reader
+                # before dropping it, so one stalled client cannot stall the
+                # others.
+                async with asyncio.timeout(self.registry.read_timeout):
                     await self._drained.wait()
             except TimeoutError:
                 if slowest is not None:
@@ -611,8 +613,9 @@ class BlobDownload:
         self.cached = False
         self._ctx.metrics.uncached_downloads.labels(reason).inc()
         log.warning(
-            "blob %s for %s is streamed without caching (%s, %s bytes)",
+            "blob %s for %s/%s is streamed without caching (%s, %s bytes)",
             self.digest,
+            self.registry.name,
             self.repository,
             reason,
             self.size,

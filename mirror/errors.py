@@ -7,12 +7,14 @@ The tree::
     |   +-- BlobUnknown
     |   +-- ManifestUnknown
     |   +-- NameUnknown          repository unknown, or a registry not mirrored
+    |   +-- ReferrersUnknown     upstream has no referrers API (or list) for it
     +-- InvalidReference         a name, tag or digest breaks the grammar
     |   +-- NameInvalid
     |   +-- TagInvalid
     |   +-- DigestInvalid
     +-- RangeNotSatisfiable      a Range header outside the blob
     +-- Unsupported              a write, or a registry this mirror does not serve
+    +-- RepositoryDenied         the mirror's allow/deny rules refuse the repository
     +-- Overloaded               out of a local resource (file descriptors)
     +-- UpstreamError            upstream could not give us what we asked for
     |   +-- UpstreamUnavailable  refused, reset, timed out, 5xx, cut mid-body
@@ -59,6 +61,15 @@ class NameUnknown(NotFound):
     pass
 
 
+class ReferrersUnknown(NotFound):
+    def __init__(self, digest: str) -> None:
+        super().__init__(
+            "upstream has no referrers list for this digest; use the "
+            "referrers tag schema (sha256-<hex>)",
+            {"digest": digest},
+        )
+
+
 class InvalidReference(MirrorError):
     pass
 
@@ -86,6 +97,10 @@ class Unsupported(MirrorError):
 
 
 class Overloaded(MirrorError):
+    pass
+
+
+class RepositoryDenied(MirrorError):
     pass
 
 

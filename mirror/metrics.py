@@ -1,12 +1,17 @@
 """Every Prometheus collector mirror exports, on a per-app registry.
 
 Labels stay low-cardinality on purpose: route, method, status, kind and
-result, never a repository or a digest.
+result, and `registry`, whose values come only from the configuration; never
+a repository or a digest.
 """
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_Collector = TypeVar("_Collector", Counter, Gauge)
 
 
 class Metrics:
@@ -33,19 +38,19 @@ class Metrics:
             "Cache lookups by kind (blob, manifest, tag) and result "
             "(hit, miss, joined: attached to a download in flight, "
             "stale: served from cache because upstream failed).",
-            ["kind", "result"],
+            ["registry", "kind", "result"],
             registry=r,
         )
         self.upstream_requests = Counter(
             "mirror_upstream_requests",
             "Requests sent upstream, by kind and result (HTTP status or error).",
-            ["kind", "result"],
+            ["registry", "kind", "result"],
             registry=r,
         )
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes",
             "Body bytes received from upstream, by kind.",
-            ["kind"],
+            ["registry", "kind"],
             registry=r,
         )
         self.served_bytes = Counter(
@@ -63,19 +68,20 @@ class Metrics:
             "mirror_verification_failures",
             "Upstream content rejected because its digest or size was wrong, "
             "or its body was cut short, by kind.",
-            ["kind"],
+            ["registry", "kind"],
             registry=r,
         )
         self.upstream_retries = Counter(
             "mirror_upstream_retries",
             "Upstream requests retried after a connection error or 5xx, by kind.",
-            ["kind"],
+            ["registry", "kind"],
             registry=r,
         )
         self.upstream_up = Gauge(
             "mirror_upstream_up",
             "1 while upstream answers; 0 after a request failed every retry "
             "(requests then fail fast for upstream.down_backoff).",
+            ["registry"],
             registry=r,
         )
         self.upstream_auth_failures = Counter(
@@ -83,23 +89,26 @@ class Metrics:
             "Upstream authentication failures by reason (rejected: the "
             "configured credentials; denied: anonymous refused; "
             "untrusted_realm: a realm not trusted with credentials).",
-            ["reason"],
+            ["registry", "reason"],
             registry=r,
         )
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit",
             "Pulls allowed per window, from upstream's ratelimit-limit header.",
+            ["registry"],
             registry=r,
         )
         self.ratelimit_remaining = Gauge(
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the window, from upstream's ratelimit-remaining "
             "header (0 after a 429).",
+            ["registry"],
             registry=r,
         )
         self.blob_resumes = Counter(
             "mirror_blob_resumes",
             "Blob downloads resumed with a Range request after upstream cut them.",
+            ["registry"],
             registry=r,
         )
         self.cache_size = Gauge(
@@ -140,7 +149,7 @@ class Metrics:
             "Upstream responses refused because of what they carried, by "
             "reason (media_type, encoding, too_large, manifest, token, "
             "token_realm).",
-            ["reason"],
+            ["registry", "reason"],
             registry=r,
         )
         self.downloads_queued = Gauge(
@@ -173,3 +182,36 @@ class Metrics:
             "server.send_timeout.",
             registry=r,
         )
+
+
+class _Bound(Generic[_Collector]):
+    """A collector with its leading `registry` label filled in."""
+
+    def __init__(self, collector: _Collector, registry: str) -> None:
+        self._collector: _Collector = collector
+        self._registry = registry
+
+    def labels(self, *values: str) -> _Collector:
+        child: _Collector = self._collector.labels(self._registry, *values)
+        return child
+
+
+class UpstreamMetrics:
+    """The upstream collectors of one registry, its `registry` label bound:
+    what an UpstreamClient, its TokenAuth, RateLimit and downloads count."""
+
+    def __init__(self, metrics: Metrics, registry: str) -> None:
+        self.registry = registry
+        self.requests = _Bound(metrics.upstream_requests, registry)
+        self.bytes = _Bound(metrics.upstream_bytes, registry)
+        self.retries = _Bound(metrics.upstream_retries, registry)
+        self.invalid = _Bound(metrics.upstream_invalid, registry)
+        self.auth_failures = _Bound(metrics.upstream_auth_failures, registry)
+        self.verification_failures = _Bound(metrics.verification_failures, registry)
+        self.cache_requests = _Bound(metrics.cache_requests, registry)
+        # Created on first use: a gauge of a budget no header has told yet
+        # would claim a limit of 0.
+        self.ratelimit_limit = _Bound(metrics.ratelimit_limit, registry)
+        self.ratelimit_remaining = _Bound(metrics.ratelimit_remaining, registry)
+        self.up = metrics.upstream_up.labels(registry)
+        self.blob_resumes = metrics.blob_resumes.labels(registry)

@@ -8,6 +8,11 @@ bytes are discarded, so a reader that already opened one keeps reading it.
 The CLI never calls `BlobStore.open()`, which would empty `tmp/` under the
 daemon's downloads in progress.
 
+Images are named as for `docker pull` (`parse_image_ref`): bare names are
+docker.io's, others carry their registry host (`ghcr.io/owner/app:1`). The
+cache keeps tags and repository links per registry, so status, ls and purge
+work per registry too, for any registry the cache holds.
+
 The functions here return plain dataclasses; the `render_*` functions turn
 them into the tables `mirror` prints, and `to_json` into what `--json`
 prints. Errors an operator can act on are `OpsError`s carrying the exit
@@ -38,16 +43,19 @@ from mirror.cache.metadata import (
     CacheStats,
     MetadataStore,
     PurgeRecord,
+    RegistryCounts,
     RepositorySummary,
     TagSummary,
 )
-from mirror.config import CacheConfig
+from mirror.config import (
+    DOCKER_HUB_HOSTS,
+    DOCKER_IO,
+    CacheConfig,
+    parse_registry_host,
+)
 from mirror.errors import MirrorError
 from mirror.metrics import Metrics
 from mirror.reference import parse_digest, parse_name, parse_tag
-
-# Registry host names that mean Docker Hub in an image reference.
-DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
 class OpsError(Exception):
@@ -69,21 +77,34 @@ class NotInCache(OpsError):
 # --- image references ---------------------------------------------------------
 
 
+def qualified_name(registry: str, repository: str) -> str:
+    """A repository as operators write it: bare for docker.io
+    (`library/alpine`), with its registry otherwise (`ghcr.io/owner/app`)."""
+    return repository if registry == DOCKER_IO else f"{registry}/{repository}"
+
+
 @dataclass(frozen=True, slots=True)
 class ImageRef:
-    """A Docker Hub image: a normalised repository and a tag or a digest."""
+    """An image: a registry, a repository (in `library/` form on docker.io)
+    and a tag or a digest."""
 
     repository: str
     tag: str | None = None
     digest: str | None = None
+    registry: str = DOCKER_IO  # a host, lower case
 
     @property
     def reference(self) -> str:
         """What to ask the registry for: the digest if given, else the tag."""
         return self.digest or self.tag or "latest"
 
+    @property
+    def name(self) -> str:
+        """The repository, qualified unless it is docker.io's."""
+        return qualified_name(self.registry, self.repository)
+
     def __str__(self) -> str:
-        text = self.repository
+        text = self.name
         if self.tag is not None:
             text += f":{self.tag}"
         if self.digest is not None:
@@ -92,26 +113,36 @@ class ImageRef:
 
 
 def parse_image_ref(text: str, *, default_tag: str | None = None) -> ImageRef:
-    """`alpine`, `alpine:3`, `grafana/grafana:10`, `user/app@sha256:…`.
+    """`alpine`, `alpine:3`, `grafana/grafana:10`, `user/app@sha256:…`,
+    `ghcr.io/owner/app:1`, `registry.corp:5000/team/app@sha256:…`.
 
-    A `docker.io/` prefix is accepted; other registries are refused (this
-    mirror serves Docker Hub only). Single-component names become
-    `library/<name>`, as the daemon stores them. Without a tag or digest the
-    tag is `default_tag`. Raises UsageError.
+    As Docker reads references, the first component names a registry when
+    it contains `.` or `:` or is `localhost`; the host is lower-cased. No
+    host, or `docker.io/` (`index.docker.io/`, `registry-1.docker.io/`),
+    means docker.io, where single-component names become `library/<name>`,
+    as the daemon stores them; other registries' names are kept as given.
+    Without a tag or digest the tag is `default_tag`. Raises UsageError.
     """
     rest, at, digest = text.strip().partition("@")
+    registry = DOCKER_IO
     first, slash, after = rest.partition("/")
-    if slash and first in DOCKER_HUB_HOSTS:
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        try:
+            host = parse_registry_host(first)
+        except ValueError:
+            raise UsageError(
+                f"{text!r} is not an image reference: {first!r} is not a registry "
+                "host (e.g. ghcr.io or registry.corp:5000)"
+            ) from None
+        registry = DOCKER_IO if host in DOCKER_HUB_HOSTS else host
         rest = after
-    elif slash and ("." in first or ":" in first or first == "localhost"):
-        raise UsageError(f"{text}: only Docker Hub images can go through the mirror")
     name, colon, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
     try:
-        repository = parse_name(name)
         ref = ImageRef(
-            repository,
+            parse_name(name, official="library" if registry == DOCKER_IO else None),
             parse_tag(tag) if colon else default_tag,
             str(parse_digest(digest)) if at else None,
+            registry,
         )
     except MirrorError as exc:
         raise UsageError(f"{text!r} is not an image reference: {exc.message}") from None
@@ -168,7 +199,8 @@ class Status:
     manifests: int
     manifest_bytes: int
     tags: int
-    repositories: int
+    repositories: int  # distinct (registry, repository)
+    registries: list[RegistryCounts]  # docker.io first, then by host
     oldest_access: float | None  # seconds since the epoch, of a blob
     newest_access: float | None
     disk_free: int
@@ -191,6 +223,7 @@ async def status(cache: CacheConfig) -> Status:
         manifest_bytes=stats.manifest_bytes,
         tags=stats.tags,
         repositories=stats.repositories,
+        registries=stats.registries,
         oldest_access=stats.oldest_access,
         newest_access=stats.newest_access,
         disk_free=usage.free,
@@ -202,23 +235,33 @@ async def status(cache: CacheConfig) -> Status:
 
 
 async def list_repositories(cache: CacheConfig) -> list[RepositorySummary]:
-    """Every cached repository. Raises UsageError, sqlite3.Error."""
+    """Every cached repository of every registry, docker.io's first.
+
+    Raises UsageError, sqlite3.Error.
+    """
     async with open_cache(cache.dir) as opened:
         return await opened.metadata.repositories()
 
 
-async def list_tags(cache: CacheConfig, repository: str) -> list[TagSummary]:
-    """The cached tags of a repository (normalised, e.g. `library/alpine`).
+async def list_tags(
+    cache: CacheConfig, registry: str, repository: str
+) -> list[TagSummary]:
+    """The cached tags of a repository of `registry` (normalised, e.g.
+    `library/alpine` on docker.io). The registry need not be configured:
+    this reads the cache.
 
     Raises NotInCache when the cache knows nothing of it, UsageError,
     sqlite3.Error.
     """
     async with open_cache(cache.dir) as opened:
-        tags = await opened.metadata.repository_tags(repository)
+        tags = await opened.metadata.repository_tags(registry, repository)
         if not tags and not any(
-            r.repository == repository for r in await opened.metadata.repositories()
+            (r.registry, r.repository) == (registry, repository)
+            for r in await opened.metadata.repositories()
         ):
-            raise NotInCache(f"{repository} is not in the cache")
+            raise NotInCache(
+                f"{qualified_name(registry, repository)} is not in the cache"
+            )
     return tags
 
 
@@ -242,9 +285,13 @@ class PurgeReport:
         return {
             "dry_run": self.dry_run,
             "tags": [
-                {"repository": r, "tag": t, "digest": d} for r, t, d in record.tags
+                {"registry": g, "repository": r, "tag": t, "digest": d}
+                for g, r, t, d in record.tags
             ],
-            "links": [{"repository": r, "digest": d} for r, d in record.links],
+            "links": [
+                {"registry": g, "repository": r, "digest": d}
+                for g, r, d in record.links
+            ],
             "manifests": [
                 {"digest": d, "media_type": m, "size": n}
                 for d, m, n in record.manifests
@@ -262,9 +309,10 @@ async def purge(
     now: float | None = None,
     dry_run: bool = False,
 ) -> PurgeReport:
-    """Remove a repository or one tag (`image`), or what was last used more
-    than `older_than` seconds before `now`; then collect garbage. The exact
-    rules are `MetadataStore.purge_repository` and `purge_older_than`.
+    """Remove a repository or one tag (`image`, of its registry only), or
+    what was last used more than `older_than` seconds before `now` (in every
+    registry); then collect garbage. The exact rules are
+    `MetadataStore.purge_repository` and `purge_older_than`.
 
     Blob files leave the store (a rename) inside the database transaction
     that deletes their rows, and are unlinked after it commits.
@@ -289,7 +337,11 @@ async def purge(
         try:
             if image is not None:
                 record = await opened.metadata.purge_repository(
-                    image.repository, image.tag, dry_run=dry_run, before_commit=detach
+                    image.registry,
+                    image.repository,
+                    image.tag,
+                    dry_run=dry_run,
+                    before_commit=detach,
                 )
                 if record.empty:
                     raise NotInCache(f"{image} is not in the cache")
@@ -537,6 +589,10 @@ def render_status(s: Status, now: float) -> str:
         ("blobs", str(s.blobs)),
         ("manifests", f"{s.manifests} ({human_size(s.manifest_bytes)})"),
         ("tags", f"{s.tags} in {s.repositories} repositories"),
+        *(
+            (f"  {c.registry}", f"{c.tags} in {c.repositories} repositories")
+            for c in s.registries
+        ),
         ("oldest access", human_time(s.oldest_access, now)),
         ("newest access", human_time(s.newest_access, now)),
         (
@@ -560,7 +616,7 @@ def render_repositories(repos: list[RepositorySummary], now: float) -> str:
         return "the cache is empty"
     rows = [
         (
-            r.repository,
+            qualified_name(r.registry, r.repository),
             human_time(r.last_pulled, now),
             str(r.tags),
             human_size(r.size),
@@ -571,9 +627,10 @@ def render_repositories(repos: list[RepositorySummary], now: float) -> str:
     return table(("REPOSITORY", "LAST PULLED", "TAGS", "SIZE", "CACHED"), rows, 3)
 
 
-def render_tags(repository: str, tags: list[TagSummary], now: float) -> str:
+def render_tags(name: str, tags: list[TagSummary], now: float) -> str:
+    """The tags of one repository, under its (qualified) `name`."""
     if not tags:
-        return f"{repository}: no tags cached (only manifests by digest)"
+        return f"{name}: no tags cached (only manifests by digest)"
     rows = []
     for t in tags:
         platforms = "-" if t.platforms is None else f"{t.platforms[0]}/{t.platforms[1]}"
@@ -589,7 +646,7 @@ def render_tags(repository: str, tags: list[TagSummary], now: float) -> str:
             )
         )
     headers = ("TAG", "DIGEST", "LAST PULLED", "PLATFORMS", "SIZE", "CACHED")
-    return f"{repository}\n" + table(headers, rows, 3)
+    return f"{name}\n" + table(headers, rows, 3)
 
 
 def _plural(n: int, word: str) -> str:
@@ -600,8 +657,14 @@ def render_purge(report: PurgeReport) -> str:
     verb = "would remove" if report.dry_run else "removed"
     record = report.record
     lines = [
-        *(f"{verb} tag {r}:{t} ({short_digest(d)})" for r, t, d in record.tags),
-        *(f"{verb} link {r}@{short_digest(d)}" for r, d in record.links),
+        *(
+            f"{verb} tag {qualified_name(g, r)}:{t} ({short_digest(d)})"
+            for g, r, t, d in record.tags
+        ),
+        *(
+            f"{verb} link {qualified_name(g, r)}@{short_digest(d)}"
+            for g, r, d in record.links
+        ),
         *(
             f"{verb} manifest {short_digest(d)} "
             f"({MEDIA_TYPE_NAMES.get(media, media)}, {human_size(n)})"

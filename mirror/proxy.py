@@ -15,6 +15,11 @@ Policy:
 
 Concurrent work on one key is shared through `SingleFlight` (manifests, tag
 revalidations) or the `_downloads` map (blobs).
+
+Every request names a `Registry` (registry.py) and a repository on it. Tags
+are that registry's: (registry, repository, tag). Content is not: a digest
+cached through any registry is served through every one, and a digest in
+flight is fetched once, from the registry the first request named.
 """
 
 from __future__ import annotations
@@ -26,34 +31,29 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from cachetools import LRUCache
 
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
-from mirror.cache.metadata import MetadataStore, TagRecord
+from mirror.cache.metadata import MetadataStore, ReferrersRecord, TagRecord
 from mirror.config import small_blob_slots
 from mirror.download import BlobDownload, DownloadContext, DownloadSlots, Reader
 from mirror.errors import (
     DigestInvalid,
     DigestMismatch,
     NotFound,
+    ReferrersUnknown,
     UpstreamDenied,
     UpstreamError,
 )
 from mirror.metrics import Metrics
 from mirror.reference import Digest, parse_digest
+from mirror.registry import Registries, Registry
 from mirror.singleflight import SingleFlight
-from mirror.upstream.client import (
-    BlobResponse,
-    ManifestInfo,
-    Passthrough,
-    UpstreamStatus,
-)
+from mirror.upstream.client import ManifestInfo, Passthrough
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +68,8 @@ MANIFEST_MEMORY = 64 * 1024 * 1024
 _ATTEMPTS_ACROSS_REPOSITORIES = 3
 
 
-class Upstream(Protocol):
-    """What the cache needs from upstream (UpstreamClient implements it)."""
-
-    async def head_manifest(self, repository: str, reference: str) -> ManifestInfo: ...
-
-    async def get_manifest(
-        self, repository: str, reference: str
-    ) -> tuple[ManifestInfo, bytes]: ...
-
-    def blob(
-        self, repository: str, digest: str, offset: int = 0
-    ) -> AbstractAsyncContextManager[BlobResponse]: ...
-
-    async def head_blob(self, repository: str, digest: str) -> int | None: ...
-
-    async def list_tags(
-        self, repository: str, params: dict[str, str]
-    ) -> Passthrough: ...
-
-    def status(self) -> UpstreamStatus: ...
+# Where a fetch asks upstream: a registry's name and a repository on it.
+Source = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +78,17 @@ class Manifest:
     media_type: str
     size: int
     body: bytes | None  # None when only the headers were asked for
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Referrers:
+    """A referrers list (an OCI image index) as upstream sent it."""
+
+    media_type: str
+    body: bytes
+    filters: str | None  # OCI-Filters-Applied
+    link: str | None  # the next page, if upstream paginated
     stale: bool = False
 
 
@@ -112,46 +105,42 @@ class PullThroughCache:
         self,
         metadata: MetadataStore,
         blobs: BlobStore,
-        upstream: Upstream,
+        registries: Registries,
         metrics: Metrics,
         *,
         evictor: Evictor,
         pins: PinSet,
-        tag_ttl: float,
-        max_stale: float | None = None,
-        resume_attempts: int = 3,
-        reader_timeout: float = 60.0,
         max_downloads: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metadata = metadata
         self.blobs = blobs
-        self.upstream = upstream
+        self.registries = registries
         self.metrics = metrics
         self.pins = pins
-        self.tag_ttl = tag_ttl
-        self.max_stale = max_stale
         self.clock = clock
         self._download_context = DownloadContext(
-            upstream,
             blobs,
             metadata,
             metrics,
             evictor,
-            resume_attempts,
             DownloadSlots(max_downloads, metrics, small_blob_slots(max_downloads)),
             clock,
-            reader_timeout,
         )
         self._manifests: LRUCache[str, Manifest] = LRUCache(
             maxsize=MANIFEST_MEMORY, getsizeof=lambda m: m.size or 1
         )
         # Tag records, so a hot tag costs no database read.
-        self._tags: LRUCache[tuple[str, str], TagRecord] = LRUCache(maxsize=TAG_MEMORY)
+        self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(
+            maxsize=TAG_MEMORY
+        )
         self._manifest_fetches: SingleFlight[str, Manifest] = SingleFlight()
-        # The repository each manifest fetch in flight asks upstream through.
-        self._manifest_fetch_repository: dict[str, str] = {}
-        self._tag_checks: SingleFlight[tuple[str, str], TagRecord] = SingleFlight()
+        # Where each manifest fetch in flight asks upstream.
+        self._manifest_fetch_source: dict[str, Source] = {}
+        self._tag_checks: SingleFlight[tuple[str, str, str], TagRecord] = SingleFlight()
+        self._referrer_checks: SingleFlight[
+            tuple[str, str, str, str], ReferrersRecord
+        ] = SingleFlight()
         # Downloads new readers may join, and every download still running.
         self._downloads: dict[Digest, BlobDownload] = {}
         self._running: set[BlobDownload] = set()
@@ -182,32 +171,40 @@ class PullThroughCache:
         )
         await self._manifest_fetches.cancel_all()
         await self._tag_checks.cancel_all()
+        await self._referrer_checks.cancel_all()
 
     # --- manifests ------------------------------------------------------------
 
     async def manifest(
-        self, repository: str, reference: str | Digest, *, body: bool = True
+        self,
+        registry: Registry,
+        repository: str,
+        reference: str | Digest,
+        *,
+        body: bool = True,
     ) -> Manifest:
         """The manifest for a tag or digest; `body=False` for a HEAD.
 
         Raises ManifestUnknown, DigestMismatch, UpstreamError.
         """
         if isinstance(reference, Digest):
-            return await self._manifest_by_digest(repository, reference, body=body)
-        record, stale = await self._resolve_tag(repository, reference, body)
+            return await self._manifest_by_digest(
+                registry, repository, reference, body=body
+            )
+        record, stale = await self._resolve_tag(registry, repository, reference, body)
         if not body:
             return Manifest(
                 record.digest, record.media_type, record.size, None, stale=stale
             )
         manifest = await self._manifest_by_digest(
-            repository, parse_digest(record.digest)
+            registry, repository, parse_digest(record.digest)
         )
         return Manifest(
             manifest.digest, manifest.media_type, manifest.size, manifest.body, stale
         )
 
     async def _manifest_by_digest(
-        self, repository: str, digest: Digest, *, body: bool = True
+        self, registry: Registry, repository: str, digest: Digest, *, body: bool = True
     ) -> Manifest:
         """Cached, or fetched once and verified; a HEAD miss is only a HEAD."""
         key = str(digest)
@@ -221,52 +218,59 @@ class PullThroughCache:
                 )
                 self._manifests[key] = cached
         if cached is not None:
-            self.metrics.cache_requests.labels("manifest", "hit").inc()
+            registry.metrics.cache_requests.labels("manifest", "hit").inc()
             self.metadata.touch_manifest(key, now)
             return cached
         result = "joined" if self._manifest_fetches.in_flight(key) else "miss"
-        self.metrics.cache_requests.labels("manifest", result).inc()
+        registry.metrics.cache_requests.labels("manifest", result).inc()
         if not body:
             # A GET would count as a Docker Hub pull; a HEAD does not.
-            info = await self.upstream.head_manifest(repository, key)
+            info = await registry.upstream.head_manifest(repository, key)
             return Manifest(key, info.media_type, info.size, None)
+        ours = (registry.name, repository)
         for _ in range(_ATTEMPTS_ACROSS_REPOSITORIES):
-            asked = self._manifest_fetch_repository.setdefault(key, repository)
+            asked = self._manifest_fetch_source.setdefault(key, ours)
             try:
                 return await self._manifest_fetches.do(
-                    key, lambda: self._fetch_manifest_once(repository, key, digest)
+                    key,
+                    lambda: self._fetch_manifest_once(registry, repository, digest),
                 )
             except (NotFound, UpstreamDenied):
-                # Joined a fetch through a repository upstream refused: the
-                # digest may still exist in ours, so ask through ours.
-                if asked == repository:
+                # Joined a fetch through a repository (or registry) upstream
+                # refused: the digest may still exist in ours, so ask ours.
+                if asked == ours:
                     raise
-        return await self._fetch_manifest_once(repository, key, digest)
+        return await self._fetch_manifest_once(registry, repository, digest)
 
     async def _fetch_manifest_once(
-        self, repository: str, key: str, digest: Digest
+        self, registry: Registry, repository: str, digest: Digest
     ) -> Manifest:
         try:
-            return await self._fetch_manifest(repository, key, digest)
+            return await self._fetch_manifest(registry, repository, str(digest), digest)
         finally:
-            self._manifest_fetch_repository.pop(key, None)
+            self._manifest_fetch_source.pop(str(digest), None)
 
     async def _fetch_manifest(
-        self, repository: str, reference: str, expected: Digest | None
+        self,
+        registry: Registry,
+        repository: str,
+        reference: str,
+        expected: Digest | None,
     ) -> Manifest:
         """GET a manifest upstream, verify its digest, store it.
 
         Raises ManifestUnknown, DigestMismatch, UpstreamError.
         """
-        info, body = await self.upstream.get_manifest(repository, reference)
+        info, body = await registry.upstream.get_manifest(repository, reference)
         claimed = _parse_claimed_digest(info.digest)
         algorithm = (expected or claimed or Digest("sha256", "")).algorithm
         actual = Digest.of(body, algorithm)
         for want in (expected, claimed):
             if want is not None and want != actual:
-                self.metrics.verification_failures.labels("manifest").inc()
+                registry.metrics.verification_failures.labels("manifest").inc()
                 log.warning(
-                    "manifest %s@%s from upstream hashes to %s; not cached",
+                    "manifest %s/%s@%s from upstream hashes to %s; not cached",
+                    registry.name,
                     repository,
                     want,
                     actual,
@@ -274,61 +278,79 @@ class PullThroughCache:
                 raise DigestMismatch(str(want), str(actual))
         manifest = Manifest(str(actual), info.media_type, len(body), body)
         await self.metadata.put_manifest(
-            repository, manifest.digest, info.media_type, body, self.clock()
+            registry.name,
+            repository,
+            manifest.digest,
+            info.media_type,
+            body,
+            self.clock(),
         )
         self._manifests[manifest.digest] = manifest
         return manifest
 
     async def _resolve_tag(
-        self, repository: str, tag: str, body: bool
+        self, registry: Registry, repository: str, tag: str, body: bool
     ) -> tuple[TagRecord, bool]:
         """The tag's current record and whether it is stale.
 
         Raises ManifestUnknown, DigestMismatch, UpstreamError (the last only
         when nothing is cached for the tag).
         """
-        key = (repository, tag)
+        key = (registry.name, repository, tag)
         record = self._tags.get(key)
         if record is None:
-            record = await self.metadata.get_tag(repository, tag)
+            record = await self.metadata.get_tag(registry.name, repository, tag)
             # A revalidation may have finished while we read: prefer its answer
             # to our snapshot, or we would revalidate again right behind it.
             record = self._tags.get(key) or record
             if record is not None:
                 self._tags[key] = record
         now = self.clock()
-        if record is not None and now - record.checked < self.tag_ttl:
-            self.metrics.cache_requests.labels("tag", "hit").inc()
-            self.metadata.touch_tag(repository, tag, now)
+        counted = registry.metrics.cache_requests
+        if record is not None and now - record.checked < registry.tag_ttl:
+            counted.labels("tag", "hit").inc()
+            self.metadata.touch_tag(registry.name, repository, tag, now)
             return record, False
         result = "joined" if self._tag_checks.in_flight(key) else "miss"
         try:
             fresh = await self._tag_checks.do(
-                key, lambda: self._revalidate(repository, tag, known=record, body=body)
+                key,
+                lambda: self._revalidate(
+                    registry, repository, tag, known=record, body=body
+                ),
             )
         except (UpstreamError, DigestMismatch) as exc:
-            if record is None or not self._may_serve_stale(record):
-                self.metrics.cache_requests.labels("tag", result).inc()
+            if record is None or not self._may_serve_stale(registry, record):
+                counted.labels("tag", result).inc()
                 raise
-            self.metrics.cache_requests.labels("tag", "stale").inc()
+            counted.labels("tag", "stale").inc()
             log.warning(
-                "upstream failed revalidating %s:%s (%s); serving cached %s",
+                "upstream failed revalidating %s/%s:%s (%s); serving cached %s",
+                registry.name,
                 repository,
                 tag,
                 exc.message,
                 record.digest,
             )
             return record, True
-        self.metrics.cache_requests.labels("tag", result).inc()
+        counted.labels("tag", result).inc()
         return fresh, False
 
-    def _may_serve_stale(self, record: TagRecord) -> bool:
-        """Within cache.max_stale of the last time upstream confirmed it."""
+    def _may_serve_stale(
+        self, registry: Registry, record: TagRecord | ReferrersRecord
+    ) -> bool:
+        """Within the registry's max_stale of when upstream last confirmed it."""
         age = self.clock() - record.checked
-        return self.max_stale is None or age <= self.max_stale
+        return registry.max_stale is None or age <= registry.max_stale
 
     async def _revalidate(
-        self, repository: str, tag: str, *, known: TagRecord | None, body: bool
+        self,
+        registry: Registry,
+        repository: str,
+        tag: str,
+        *,
+        known: TagRecord | None,
+        body: bool,
     ) -> TagRecord:
         """Ask upstream what `tag` is now and record the answer.
 
@@ -337,47 +359,64 @@ class PullThroughCache:
         """
         digest: str | None = None
         if known is not None or not body:
-            info = await self.upstream.head_manifest(repository, tag)
+            info = await registry.upstream.head_manifest(repository, tag)
             if _parse_claimed_digest(info.digest) is not None:
                 digest = info.digest
         if digest is None:
-            manifest = await self._fetch_manifest(repository, tag, None)
+            manifest = await self._fetch_manifest(registry, repository, tag, None)
             digest = manifest.digest
             info = ManifestInfo(digest, manifest.media_type, manifest.size)
         now = self.clock()
         await self.metadata.put_tag(
-            repository, tag, digest, info.media_type, info.size, now
+            registry.name, repository, tag, digest, info.media_type, info.size, now
         )
         if known is not None and known.digest != digest:
-            log.info("tag %s:%s moved %s -> %s", repository, tag, known.digest, digest)
+            log.info(
+                "tag %s/%s:%s moved %s -> %s",
+                registry.name,
+                repository,
+                tag,
+                known.digest,
+                digest,
+            )
         fetched = known.fetched if known and known.digest == digest else now
         record = TagRecord(
-            repository, tag, digest, info.media_type, info.size, fetched, now
+            registry.name,
+            repository,
+            tag,
+            digest,
+            info.media_type,
+            info.size,
+            fetched,
+            now,
         )
-        self._tags[(repository, tag)] = record
+        self._tags[(registry.name, repository, tag)] = record
         return record
 
     # --- blobs ----------------------------------------------------------------
 
-    async def blob(self, repository: str, digest: Digest) -> CachedBlob | Reader:
+    async def blob(
+        self, registry: Registry, repository: str, digest: Digest
+    ) -> CachedBlob | Reader:
         """A cached blob, or a started download to read from.
 
-        A request that joined a download through another repository, which
-        upstream refused, asks again through its own repository.
+        A request that joined a download through another repository (or
+        registry), which upstream refused, asks again through its own.
 
         The caller must `close()` a returned reader when done with it.
         Raises BlobUnknown, UpstreamError (before any byte is available).
         """
+        ours = (registry.name, repository)
         for attempt in range(1, _ATTEMPTS_ACROSS_REPOSITORIES + 1):
-            source = self._blob_source(repository, digest)
+            source = self._blob_source(registry, repository, digest)
             if isinstance(source, CachedBlob):
                 return source
             try:
                 await source.download.wait_started()
             except (NotFound, UpstreamDenied):
                 source.close()
-                asked = source.download.repository
-                if asked == repository or attempt == _ATTEMPTS_ACROSS_REPOSITORIES:
+                asked = source.download.source
+                if asked == ours or attempt == _ATTEMPTS_ACROSS_REPOSITORIES:
                     raise
                 continue
             except BaseException:
@@ -386,21 +425,24 @@ class PullThroughCache:
             return source
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _blob_source(self, repository: str, digest: Digest) -> CachedBlob | Reader:
+    def _blob_source(
+        self, registry: Registry, repository: str, digest: Digest
+    ) -> CachedBlob | Reader:
         """The cached file, or a reader of the download in flight (started
         here if there is none). One event-loop step, no await."""
+        counted = registry.metrics.cache_requests
         download = self._downloads.get(digest)
         if download is None:
             # A stat of a cached dentry takes microseconds; doing it inline
             # keeps the map check and the store check in one event-loop step.
             size = _file_size(self.blobs.path(digest))
             if size is not None:
-                self.metrics.cache_requests.labels("blob", "hit").inc()
+                counted.labels("blob", "hit").inc()
                 self.metadata.touch_blob(str(digest), self.clock())
                 return CachedBlob(self.blobs.path(digest), size)
-            self.metrics.cache_requests.labels("blob", "miss").inc()
+            counted.labels("blob", "miss").inc()
             download = BlobDownload(
-                repository, digest, self._download_context, self._detach
+                registry, repository, digest, self._download_context, self._detach
             )
             self._downloads[digest] = download
             self._running.add(download)
@@ -408,10 +450,12 @@ class PullThroughCache:
                 lambda _t: self._running.discard(download)
             )
         else:
-            self.metrics.cache_requests.labels("blob", "joined").inc()
+            counted.labels("blob", "joined").inc()
         return download.attach()
 
-    async def blob_size(self, repository: str, digest: Digest) -> int | None:
+    async def blob_size(
+        self, registry: Registry, repository: str, digest: Digest
+    ) -> int | None:
         """The blob's size without fetching it (None if upstream won't say).
 
         Raises BlobUnknown, UpstreamError.
@@ -422,7 +466,7 @@ class PullThroughCache:
         download = self._downloads.get(digest)
         if download is not None and download.size is not None:
             return download.size
-        return await self.upstream.head_blob(repository, digest=str(digest))
+        return await registry.upstream.head_blob(repository, digest=str(digest))
 
     def _detach(self, download: BlobDownload) -> None:
         """No new reader may join `download` (it ended, or went uncached)."""
@@ -431,9 +475,92 @@ class PullThroughCache:
 
     # --- tags -----------------------------------------------------------------
 
-    async def list_tags(self, repository: str, params: dict[str, str]) -> Passthrough:
+    async def list_tags(
+        self, registry: Registry, repository: str, params: dict[str, str]
+    ) -> Passthrough:
         """Raises NameUnknown, UpstreamError."""
-        return await self.upstream.list_tags(repository, params)
+        return await registry.upstream.list_tags(repository, params)
+
+    # --- referrers ------------------------------------------------------------
+
+    async def referrers(
+        self,
+        registry: Registry,
+        repository: str,
+        digest: Digest,
+        params: dict[str, str],
+    ) -> Referrers:
+        """The manifests whose subject is `digest` (OCI 1.1 referrers API).
+
+        Cached like a tag: answered from the database for the registry's
+        tag_ttl, then asked again, and served stale (within max_stale) when
+        upstream fails. Only the first page is cached, with or without an
+        `artifactType` filter; other queries (a paginated upstream's next
+        pages) are relayed. An upstream 404, which a registry without the
+        API answers, is cached and passed on, so clients use the tag schema.
+
+        Raises ReferrersUnknown (upstream said 404), UpstreamError.
+        """
+        counted = registry.metrics.cache_requests
+        if set(params) - {"artifactType"}:
+            counted.labels("referrers", "miss").inc()
+            answer = await registry.upstream.get_referrers(
+                repository, str(digest), params
+            )
+            if answer is None:
+                raise ReferrersUnknown(str(digest))
+            return Referrers(
+                answer.content_type, answer.body, answer.filters, answer.link
+            )
+        artifact_type = params.get("artifactType", "")
+        key = (registry.name, repository, str(digest), artifact_type)
+        record = await self.metadata.get_referrers(*key)
+        stale = False
+        if record is not None and self.clock() - record.checked < registry.tag_ttl:
+            counted.labels("referrers", "hit").inc()
+        else:
+            result = "joined" if self._referrer_checks.in_flight(key) else "miss"
+            try:
+                record = await self._referrer_checks.do(
+                    key, lambda: self._fetch_referrers(registry, key, params)
+                )
+            except UpstreamError as exc:
+                if record is None or not self._may_serve_stale(registry, record):
+                    counted.labels("referrers", result).inc()
+                    raise
+                log.warning(
+                    "upstream failed listing referrers of %s in %s/%s (%s); "
+                    "serving the cached list",
+                    digest,
+                    registry.name,
+                    repository,
+                    exc.message,
+                )
+                result, stale = "stale", True
+            counted.labels("referrers", result).inc()
+        if record.status == 404:
+            raise ReferrersUnknown(str(digest))
+        return Referrers(record.media_type, record.body, record.filters, None, stale)
+
+    async def _fetch_referrers(
+        self,
+        registry: Registry,
+        key: tuple[str, str, str, str],
+        params: dict[str, str],
+    ) -> ReferrersRecord:
+        _registry, repository, subject, artifact_type = key
+        answer = await registry.upstream.get_referrers(repository, subject, params)
+        now = self.clock()
+        if answer is None:
+            record = ReferrersRecord(404, "", b"", None, now)
+        else:
+            record = ReferrersRecord(
+                answer.status, answer.content_type, answer.body, answer.filters, now
+            )
+        await self.metadata.put_referrers(
+            registry.name, repository, subject, artifact_type, record
+        )
+        return record
 
     def forget(self) -> None:
         """Drop the in-memory tags and manifests (the database changed under
@@ -446,20 +573,27 @@ class PullThroughCache:
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether to take traffic, and why; the details are for operators.
 
-        Upstream being down does not make the mirror unready (serving its
-        cache then is the point); credentials upstream rejected do, because
-        every uncached pull will fail until someone fixes them.
+        An upstream being down does not make the mirror unready (serving its
+        cache then is the point). Credentials an upstream rejected are a
+        problem of that registry: every uncached pull from it fails until
+        someone fixes them. The mirror is unready only when that is true of
+        every registry it serves, since another node, configured alike,
+        would do no better, and the registries still working need it.
         """
-        upstream = self.upstream.status()
         problems = []
-        if upstream.credentials_rejected:
-            problems.append("upstream rejected the configured credentials")
+        registries: dict[str, object] = {}
+        for registry in self.registries:
+            status = registry.upstream.status()
+            ready = not status.credentials_rejected
+            if not ready:
+                problems.append(f"{registry.name} rejected the configured credentials")
+            registries[registry.name] = {"ready": ready, **dataclasses.asdict(status)}
         details: dict[str, object] = {
             "problems": problems,
-            "upstream": dataclasses.asdict(upstream),
+            "registries": registries,
             "downloads_in_progress": len(self._downloads),
         }
-        return not problems, details
+        return len(problems) < len(self.registries), details
 
 
 def _file_size(path: Path) -> int | None:

@@ -3,7 +3,7 @@
 Everything a client sends is checked here before it touches the disk or
 upstream. Docker Hub's single-component names are normalised to
 `library/<name>`, as the Docker CLI does, so `alpine` and `library/alpine`
-share one cache entry.
+share one cache entry; other registries' names are taken as they are.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ class Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
 
-def parse_name(name: str) -> str:
-    """A repository name, normalised to Docker Hub's `library/` form.
+def parse_name(name: str, *, official: str | None = "library") -> str:
+    """A repository name; a single-component one goes under `official`
+    (Docker Hub's `library/`), unless that is None (other registries).
 
     Raises NameInvalid.
     """
-    normalised = name if "/" in name else f"library/{name}"
+    normalised = name if "/" in name or official is None else f"{official}/{name}"
     if len(normalised) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise NameInvalid("invalid repository name", {"name": name})
     return normalised

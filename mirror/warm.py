@@ -9,6 +9,12 @@ time (`concurrency`); a blob already warmed in this run is not asked for
 again. Attestation manifests in an index (platform `unknown/unknown`) are
 skipped, as clients skip them, and so are foreign layers, which live outside
 the registry.
+
+An image of a registry other than docker.io (`ghcr.io/owner/app:1`) is
+asked for with `?ns=<host>` on every request, as containerd's mirror
+configuration does; that is how the mirror routes it. A registry the mirror
+is not configured for answers `404 NAME_UNKNOWN`, which is reported as is.
+docker.io images go without `ns`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from mirror.config import Address
+from mirror.config import DOCKER_IO, Address
 from mirror.errors import MirrorError
 from mirror.ops import (
     ImageRef,
@@ -30,6 +36,7 @@ from mirror.ops import (
     UsageError,
     human_size,
     parse_image_ref,
+    qualified_name,
     short_digest,
 )
 from mirror.reference import parse_digest
@@ -107,6 +114,7 @@ def default_mirror_url(listen: Address) -> str:
 @dataclass
 class WarmResult:
     image: str  # as given
+    registry: str  # "docker.io", "ghcr.io", ...; "" when `image` did not parse
     repository: str
     reference: str  # the tag or digest asked for
     digest: str | None = None  # of the top manifest, from the mirror
@@ -118,9 +126,8 @@ class WarmResult:
 
     @property
     def name(self) -> str:
-        """`library/alpine:3` or `library/alpine@sha256:…`."""
-        sep = "@" if ":" in self.reference else ":"
-        return f"{self.repository}{sep}{self.reference}"
+        """`library/alpine:3`, `library/alpine@sha256:…`, `ghcr.io/owner/app:1`."""
+        return _image_name(self.registry, self.repository, self.reference)
 
     @property
     def ok(self) -> bool:
@@ -161,8 +168,8 @@ class Warmer:
         try:
             ref = parse_image_ref(text, default_tag="latest")
         except UsageError as exc:
-            return WarmResult(text, "", "", error=str(exc))
-        result = WarmResult(text, ref.repository, ref.reference)
+            return WarmResult(text, "", "", "", error=str(exc))
+        result = WarmResult(text, ref.registry, ref.repository, ref.reference)
         try:
             await self._warm(ref, result)
         except WarmError as exc:
@@ -174,12 +181,12 @@ class Warmer:
 
     async def _warm(self, ref: ImageRef, result: WarmResult) -> None:
         plan = _Plan()
-        result.digest = await self._manifest(ref.repository, ref.reference, plan, 0)
+        result.digest = await self._manifest(ref, ref.reference, plan, 0)
         result.manifests = plan.manifests
         result.blobs = len(plan.blobs)
         todo = [(d, n) for d, n in plan.blobs.items() if d not in self._warmed]
         outcomes = await asyncio.gather(
-            *(self._blob(ref.repository, d, n, result) for d, n in todo),
+            *(self._blob(ref, d, n, result) for d, n in todo),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -195,12 +202,15 @@ class Warmer:
             raise WarmError(f"{type(first).__name__}: {first}".rstrip(": "))
 
     async def _manifest(
-        self, repository: str, reference: str, plan: _Plan, depth: int
+        self, ref: ImageRef, reference: str, plan: _Plan, depth: int
     ) -> str | None:
-        """GET a manifest, add what it needs to `plan`; its digest."""
-        name = f"{repository}{'@' if ':' in reference else ':'}{reference}"
-        url = f"{self.base}/v2/{repository}/manifests/{reference}"
-        async with self.session.get(url, headers={"Accept": MANIFEST_ACCEPT}) as resp:
+        """GET a manifest of `ref`'s repository, add what it needs to `plan`;
+        its digest."""
+        name = _image_name(ref.registry, ref.repository, reference)
+        url = f"{self.base}/v2/{ref.repository}/manifests/{reference}"
+        async with self.session.get(
+            url, headers={"Accept": MANIFEST_ACCEPT}, params=_namespace(ref)
+        ) as resp:
             if resp.status != 200:
                 raise WarmError(f"manifest {name}: {await _describe(resp)}")
             body = await resp.read()
@@ -225,7 +235,7 @@ class Warmer:
             if depth >= MAX_DEPTH:
                 raise WarmError(f"{name}: indexes nested too deep")
             for child in children:
-                await self._manifest(repository, child["digest"], plan, depth + 1)
+                await self._manifest(ref, child["digest"], plan, depth + 1)
             return digest
         for blob in [
             *_descriptors([doc.get("config")]),
@@ -239,14 +249,14 @@ class Warmer:
         return digest
 
     async def _blob(
-        self, repository: str, digest: str, size: int, result: WarmResult
+        self, ref: ImageRef, digest: str, size: int, result: WarmResult
     ) -> None:
         async with self._slots:
             if digest in self._warmed:
                 return
-            url = f"{self.base}/v2/{repository}/blobs/{digest}"
+            url = f"{self.base}/v2/{ref.repository}/blobs/{digest}"
             got = 0
-            async with self.session.get(url) as resp:
+            async with self.session.get(url, params=_namespace(ref)) as resp:
                 if resp.status != 200:
                     raise WarmError(f"blob {digest}: {await _describe(resp)}")
                 async for chunk in resp.content.iter_chunked(READ_CHUNK):
@@ -257,6 +267,16 @@ class Warmer:
             if size >= 0 and got != size:
                 raise WarmError(f"blob {digest}: got {got} bytes, expected {size}")
             self._warmed.add(digest)
+
+
+def _namespace(ref: ImageRef) -> dict[str, str]:
+    """The query that routes a request to `ref`'s registry: none for docker.io."""
+    return {} if ref.registry == DOCKER_IO else {"ns": ref.registry}
+
+
+def _image_name(registry: str, repository: str, reference: str) -> str:
+    sep = "@" if ":" in reference else ":"
+    return f"{qualified_name(registry, repository)}{sep}{reference}"
 
 
 def _descriptors(items: object) -> list[dict[str, Any]]:

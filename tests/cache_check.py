@@ -24,7 +24,8 @@ class Cached:
     files: dict[str, bytes]  # digest -> bytes of every file under blobs/
     blob_rows: dict[str, int]  # digest -> size
     manifests: dict[str, tuple[str, bytes]]  # digest -> (media type, body)
-    tags: dict[tuple[str, str], tuple[str, str]]  # (repo, tag) -> (digest, type)
+    # (registry, repo, tag) -> (digest, type)
+    tags: dict[tuple[str, str, str], tuple[str, str]]
     tmp: list[str]  # names under tmp/
 
     @property
@@ -55,9 +56,9 @@ def cached(cache_dir: Path) -> Cached:
             )
         }
         tags = {
-            (str(r), str(t)): (str(d), str(m))
-            for r, t, d, m in conn.execute(
-                "SELECT repository, tag, digest, media_type FROM tags"
+            (str(g), str(r), str(t)): (str(d), str(m))
+            for g, r, t, d, m in conn.execute(
+                "SELECT registry, repository, tag, digest, media_type FROM tags"
             )
         }
     return Cached(files, blob_rows, manifests, tags, tmp)
@@ -81,9 +82,11 @@ def problems(cache_dir: Path) -> list[str]:
             found.append(f"manifest {digest} holds other bytes")
         if not _MEDIA_TYPE.fullmatch(media_type):
             found.append(f"manifest {digest} has media type {media_type!r}")
-    for (repo, tag), (digest, media_type) in c.tags.items():
+    for (registry, repo, tag), (digest, media_type) in c.tags.items():
         if not _MEDIA_TYPE.fullmatch(media_type):
-            found.append(f"tag {repo}:{tag} -> {digest} has media type {media_type!r}")
+            found.append(
+                f"tag {registry}/{repo}:{tag} -> {digest} has media type {media_type!r}"
+            )
     found += [f"temp file {name} left over" for name in c.tmp]
     return found
 

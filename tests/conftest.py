@@ -7,7 +7,7 @@ import asyncio
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.app import CACHE, create_app
-from mirror.config import Config, load_config
+from mirror.config import Config, load_config, registry_env_name
 from tests.fakes.network import LatencyProxy
 from tests.fakes.registry import FakeRegistry
 from tests.fakes.tls import TlsFiles
@@ -25,9 +25,11 @@ from tests.fakes.tls import TlsFiles
 @dataclass
 class Mirror:
     client: TestClient[web.Request, web.Application]
-    upstream: FakeRegistry
+    upstream: FakeRegistry  # docker.io
     config: Config
     clock: FakeClock
+    # The other registries, by the host clients name them with.
+    registries: dict[str, FakeRegistry] = field(default_factory=dict)
 
     async def settle(self) -> None:
         """Wait for downloads to reach the store (a client has every byte
@@ -98,6 +100,8 @@ async def make_mirror(
 
     ``server_ssl`` serves the registry over TLS; ``route`` turns its server
     into the URL the mirror is given (e.g. a LatencyProxy's in front of it).
+    ``registries`` adds other upstream registries, by host (``ghcr.io``),
+    each a FakeRegistry served on its own port.
     ``server_kwargs`` go to aiohttp's runner (e.g. ``handler_cancellation``,
     as ``mirror serve`` has it). Other keyword arguments are config keys:
     ``upstream_read_timeout="1s"``.
@@ -110,6 +114,7 @@ async def make_mirror(
         server_ssl: ssl.SSLContext | None = None,
         route: Route | None = None,
         server_kwargs: dict[str, object] | None = None,
+        registries: dict[str, FakeRegistry] | None = None,
         **settings: str,
     ) -> Mirror:
         nonlocal counter
@@ -124,11 +129,17 @@ async def make_mirror(
             "MIRROR_UPSTREAM_RETRY_BACKOFF": "0s",
             **{f"MIRROR_{k.upper()}": v for k, v in settings.items()},
         }
+        for host, fake in (registries or {}).items():
+            other = await aiohttp_server(fake.app())
+            env[registry_env_name(host, "url")] = str(other.make_url("")).rstrip("/")
+            env[registry_env_name(host, "retry_backoff")] = "0s"
+        if registries:
+            env["MIRROR_REGISTRIES"] = ",".join(registries)
         config = load_config(None, env)
         clock = FakeClock()
         app = create_app(config, clock=clock, monotonic=clock)
         client = await aiohttp_client(app, server_kwargs=server_kwargs or {})
-        return Mirror(client, upstream, config, clock)
+        return Mirror(client, upstream, config, clock, dict(registries or {}))
 
     return make
 

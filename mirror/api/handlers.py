@@ -21,10 +21,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mirror.api.errors import API_VERSION_HEADER
+from mirror.api.routing import Router
 from mirror.download import Reader
 from mirror.errors import (
     MirrorError,
-    NameUnknown,
     Overloaded,
     RangeNotSatisfiable,
     Unsupported,
@@ -32,7 +32,7 @@ from mirror.errors import (
 from mirror.logutil import OncePer
 from mirror.metrics import Metrics
 from mirror.proxy import CachedBlob, Manifest, PullThroughCache
-from mirror.reference import parse_digest, parse_name, parse_reference
+from mirror.reference import parse_digest, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ _MAX_PIECE = 16 * 1024 * 1024
 _RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 
-# containerd tells a mirror which registry a request is for with ?ns=.
-MIRRORED_NAMESPACES = frozenset({"docker.io", "registry-1.docker.io"})
 STALE_HEADER = "X-Mirror-Stale"
 CACHE_HEADER = "X-Mirror-Cache"
 TAGS_PARAMS = ("n", "last")
@@ -59,6 +57,7 @@ class RegistryHandlers:
         self, cache: PullThroughCache, metrics: Metrics, *, send_timeout: float = 60.0
     ) -> None:
         self.cache = cache
+        self.router = Router(cache.registries)
         self.metrics = metrics
         self.send_timeout = send_timeout
         self._fd_warning = OncePer(60.0)
@@ -67,17 +66,19 @@ class RegistryHandlers:
         return web.json_response({}, headers=API_VERSION_HEADER)
 
     async def manifest(self, request: web.Request) -> web.Response:
-        name = _repository(request)
+        route = self.router.route(request)
         reference = parse_reference(request.match_info["reference"])
         head = request.method == "HEAD"
-        manifest = await self.cache.manifest(name, reference, body=not head)
+        manifest = await self.cache.manifest(
+            route.registry, route.repository, reference, body=not head
+        )
         return web.Response(
             body=None if head else manifest.body,
             headers=_manifest_headers(manifest),
         )
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
-        name = _repository(request)
+        route = self.router.route(request)
         digest = parse_digest(request.match_info["digest"])
         headers = {
             **API_VERSION_HEADER,
@@ -86,14 +87,14 @@ class RegistryHandlers:
             "Accept-Ranges": "bytes",
         }
         if request.method == "HEAD":
-            size = await self.cache.blob_size(name, digest)
+            size = await self.cache.blob_size(route.registry, route.repository, digest)
             if size is not None:
                 headers["Content-Length"] = str(size)
             return web.Response(headers=headers)
 
         # Pinned for the whole response: eviction leaves it alone meanwhile.
         with self.cache.pins.pinned(str(digest)):
-            source = await self.cache.blob(name, digest)
+            source = await self.cache.blob(route.registry, route.repository, digest)
             if isinstance(source, CachedBlob):
                 headers[CACHE_HEADER] = "hit"
                 return await self._send_cached(request, source, headers)
@@ -217,17 +218,34 @@ class RegistryHandlers:
         return response
 
     async def tags(self, request: web.Request) -> web.Response:
-        name = _repository(request)
+        route = self.router.route(request)
         params = {k: request.query[k] for k in TAGS_PARAMS if k in request.query}
-        result = await self.cache.list_tags(name, params)
+        result = await self.cache.list_tags(route.registry, route.repository, params)
         headers = dict(API_VERSION_HEADER)
         if result.link:
-            headers["Link"] = result.link
+            headers["Link"] = route.link(result.link)
         return web.Response(
             status=result.status,
             body=result.body,
             headers={**headers, "Content-Type": result.content_type},
         )
+
+    async def referrers(self, request: web.Request) -> web.Response:
+        """OCI 1.1 referrers of a digest, relayed (see PullThroughCache)."""
+        route = self.router.route(request)
+        digest = parse_digest(request.match_info["digest"])
+        params = {k: v for k, v in request.query.items() if k != "ns"}
+        result = await self.cache.referrers(
+            route.registry, route.repository, digest, params
+        )
+        headers = {**API_VERSION_HEADER, "Content-Type": result.media_type}
+        if result.filters:
+            headers["OCI-Filters-Applied"] = result.filters
+        if result.link:
+            headers["Link"] = route.link(result.link)
+        if result.stale:
+            headers[STALE_HEADER] = "1"
+        return web.Response(body=result.body, headers=headers)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Liveness: the process answers HTTP."""
@@ -253,14 +271,6 @@ class RegistryHandlers:
             "this mirror is read-only: the operation is unsupported",
             {"method": request.method},
         )
-
-
-def _repository(request: web.Request) -> str:
-    """The normalised repository name; rejects registries we do not mirror."""
-    ns = request.query.get("ns")
-    if ns is not None and ns not in MIRRORED_NAMESPACES:
-        raise NameUnknown("this mirror serves docker.io only", {"ns": ns})
-    return parse_name(request.match_info["name"])
 
 
 def _manifest_headers(manifest: Manifest) -> dict[str, str]:

@@ -33,6 +33,7 @@ def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
     get(f"/v2/{_NAME}/manifests/{{reference}}", handlers.manifest, "manifest")
     get(f"/v2/{_NAME}/blobs/{{digest}}", handlers.blob, "blob")
     get(f"/v2/{_NAME}/tags/list", handlers.tags, "tags")
+    get(f"/v2/{_NAME}/referrers/{{digest}}", handlers.referrers, "referrers")
     get("/metrics", handlers.metrics_page, "metrics")
     get("/healthz", handlers.healthz, "healthz")
     get("/readyz", handlers.readyz, "readyz")

@@ -5,6 +5,12 @@ the operator CLI can read it while the daemon writes. The schema version is
 `PRAGMA user_version`; `_MIGRATIONS[i]` takes a database from version i to
 i + 1, so upgrading is replaying the missing steps in order.
 
+Manifests, their references and blobs are content-addressed and shared by
+every upstream registry. Tags and repository links (which repository a
+manifest was fetched through) belong to one registry: they are keyed by
+(registry, repository, ...), the registry being the host clients name
+(`docker.io`, `ghcr.io`, `registry.corp:5000`).
+
 Manifest bodies are stored verbatim (they are at most a few MiB and are served
 byte for byte). Blob files live in BlobStore; the `blobs` table records their
 size and last access for eviction. Last-access times are kept in memory and
@@ -21,6 +27,7 @@ from typing import Any
 
 import aiosqlite
 
+from mirror.config import DOCKER_IO
 from mirror.values import loads_json
 
 _SCHEMA_V1 = """
@@ -70,6 +77,69 @@ _SCHEMA_V2 = """
 """
 
 
+# Tags and repository links gain their registry, in their primary keys.
+# SQLite cannot change a primary key in place, so each table is rebuilt as
+# https://www.sqlite.org/lang_altertable.html#otheralter says: create the new
+# table, copy, drop the old one, rename the new one. foreign_keys is ON (a
+# PRAGMA cannot change inside the migration's transaction), which is safe
+# here: nothing references tags or repository_manifests, so dropping them
+# cascades nowhere, and the copy happens before the drop. The copy of the
+# links is checked against manifests as it is inserted; a link to a
+# manifest that is not there (possible only in a database someone wrote
+# with foreign keys off) would fail the migration, so it is left behind:
+# ON DELETE CASCADE would have removed it anyway. Until v3 the mirror
+# served Docker Hub only, so every existing row is docker.io's (spelled out:
+# a migration is history and must not follow a constant that may change).
+_SCHEMA_V3 = """
+    CREATE TABLE tags_v3 (
+        registry    TEXT NOT NULL,
+        repository  TEXT NOT NULL,
+        tag         TEXT NOT NULL,
+        digest      TEXT NOT NULL,
+        media_type  TEXT NOT NULL,
+        size        INTEGER NOT NULL,
+        fetched     REAL NOT NULL,  -- when upstream first gave this digest
+        checked     REAL NOT NULL,  -- when upstream last confirmed it
+        last_access REAL NOT NULL,
+        PRIMARY KEY (registry, repository, tag)
+    );
+    INSERT INTO tags_v3 (registry, repository, tag, digest, media_type, size,
+                         fetched, checked, last_access)
+        SELECT 'docker.io', repository, tag, digest, media_type, size,
+               fetched, checked, last_access
+        FROM tags;
+    DROP TABLE tags;
+    ALTER TABLE tags_v3 RENAME TO tags;
+    CREATE TABLE repository_manifests_v3 (
+        registry    TEXT NOT NULL,
+        repository  TEXT NOT NULL,
+        digest      TEXT NOT NULL REFERENCES manifests (digest) ON DELETE CASCADE,
+        PRIMARY KEY (registry, repository, digest)
+    );
+    INSERT INTO repository_manifests_v3 (registry, repository, digest)
+        SELECT 'docker.io', repository, digest FROM repository_manifests
+        WHERE digest IN (SELECT digest FROM manifests);
+    DROP TABLE repository_manifests;
+    ALTER TABLE repository_manifests_v3 RENAME TO repository_manifests;
+    -- Referrers lists (OCI 1.1), as upstream answered them: status 200
+    -- with an image index, or 404 (no referrers API: clients use tags).
+    CREATE TABLE referrers (
+        registry      TEXT NOT NULL,
+        repository    TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        artifact_type TEXT NOT NULL,  -- the filter asked for, '' for none
+        status        INTEGER NOT NULL,
+        media_type    TEXT NOT NULL,
+        body          BLOB NOT NULL,
+        filters       TEXT,  -- OCI-Filters-Applied, as upstream sent it
+        checked       REAL NOT NULL,  -- when upstream last answered
+        PRIMARY KEY (registry, repository, subject, artifact_type)
+    );
+    -- The cascade from a deleted manifest looks its links up by digest.
+    CREATE INDEX repository_manifests_digest ON repository_manifests (digest);
+"""
+
+
 async def _v1(db: aiosqlite.Connection) -> None:
     await _script(db, _SCHEMA_V1)
 
@@ -81,6 +151,11 @@ async def _v2(db: aiosqlite.Connection) -> None:
         rows = await cur.fetchall()
     for digest, body in rows:
         await _insert_refs(db, digest, bytes(body))
+
+
+async def _v3(db: aiosqlite.Connection) -> None:
+    """Tags and repository links keyed by registry; old rows are docker.io's."""
+    await _script(db, _SCHEMA_V3)
 
 
 async def _script(db: aiosqlite.Connection, script: str) -> None:
@@ -125,7 +200,11 @@ async def _insert_refs(db: aiosqlite.Connection, digest: str, body: bytes) -> No
 
 
 # _MIGRATIONS[i] takes the database from version i to i + 1.
-_MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_v1, _v2]
+_MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [
+    _v1,
+    _v2,
+    _v3,
+]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The database's file name inside cache.dir.
 DATABASE_NAME = "mirror.db"
@@ -139,7 +218,19 @@ class ManifestRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ReferrersRecord:
+    """A referrers answer as upstream gave it (status 200 or 404)."""
+
+    status: int
+    media_type: str
+    body: bytes
+    filters: str | None
+    checked: float
+
+
+@dataclass(frozen=True, slots=True)
 class TagRecord:
+    registry: str  # "docker.io", "ghcr.io", "registry.corp:5000"
     repository: str
     tag: str
     digest: str
@@ -157,7 +248,7 @@ class MetadataStore:
         self._db: aiosqlite.Connection | None = None
         self._blob_access: dict[str, float] = {}
         self._manifest_access: dict[str, float] = {}
-        self._tag_access: dict[tuple[str, str], float] = {}
+        self._tag_access: dict[tuple[str, str, str], float] = {}
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -250,8 +341,16 @@ class MetadataStore:
         return ManifestRecord(row[0], row[1], bytes(row[2])) if row else None
 
     async def put_manifest(
-        self, repository: str, digest: str, media_type: str, body: bytes, now: float
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        media_type: str,
+        body: bytes,
+        now: float,
     ) -> None:
+        """Store a manifest (shared by every registry) and link it to
+        `repository` of `registry`, which it was fetched through."""
         await self.db.execute(
             "INSERT INTO manifests (digest, media_type, size, body, created,"
             " last_access) VALUES (?, ?, ?, ?, ?, ?)"
@@ -259,9 +358,9 @@ class MetadataStore:
             (digest, media_type, len(body), body, now, now),
         )
         await self.db.execute(
-            "INSERT OR IGNORE INTO repository_manifests (repository, digest)"
-            " VALUES (?, ?)",
-            (repository, digest),
+            "INSERT OR IGNORE INTO repository_manifests (registry, repository,"
+            " digest) VALUES (?, ?, ?)",
+            (registry, repository, digest),
         )
         await _insert_refs(self.db, digest, body)
         await self.db.commit()
@@ -271,17 +370,20 @@ class MetadataStore:
 
     # --- tags -----------------------------------------------------------------
 
-    async def get_tag(self, repository: str, tag: str) -> TagRecord | None:
+    async def get_tag(
+        self, registry: str, repository: str, tag: str
+    ) -> TagRecord | None:
         async with self.db.execute(
-            "SELECT repository, tag, digest, media_type, size, fetched, checked"
-            " FROM tags WHERE repository = ? AND tag = ?",
-            (repository, tag),
+            "SELECT registry, repository, tag, digest, media_type, size, fetched,"
+            " checked FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
+            (registry, repository, tag),
         ) as cur:
             row = await cur.fetchone()
         return TagRecord(*row) if row else None
 
     async def put_tag(
         self,
+        registry: str,
         repository: str,
         tag: str,
         digest: str,
@@ -289,22 +391,67 @@ class MetadataStore:
         size: int,
         now: float,
     ) -> None:
-        """Record that upstream says `tag` is `digest` as of `now`."""
+        """Record that `registry` says `tag` is `digest` as of `now`."""
         await self.db.execute(
-            "INSERT INTO tags (repository, tag, digest, media_type, size, fetched,"
-            " checked, last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (repository, tag) DO UPDATE SET"
+            "INSERT INTO tags (registry, repository, tag, digest, media_type, size,"
+            " fetched, checked, last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (registry, repository, tag) DO UPDATE SET"
             " fetched = CASE WHEN digest = excluded.digest THEN fetched"
             "           ELSE excluded.fetched END,"
             " digest = excluded.digest, media_type = excluded.media_type,"
             " size = excluded.size, checked = excluded.checked,"
             " last_access = excluded.last_access",
-            (repository, tag, digest, media_type, size, now, now, now),
+            (registry, repository, tag, digest, media_type, size, now, now, now),
         )
         await self.db.commit()
 
-    def touch_tag(self, repository: str, tag: str, now: float) -> None:
-        self._tag_access[(repository, tag)] = now
+    def touch_tag(self, registry: str, repository: str, tag: str, now: float) -> None:
+        """Note an access; written by the next flush_access()."""
+        self._tag_access[(registry, repository, tag)] = now
+
+    # --- referrers --------------------------------------------------------------
+
+    async def get_referrers(
+        self, registry: str, repository: str, subject: str, artifact_type: str
+    ) -> ReferrersRecord | None:
+        """The last referrers answer for `subject` (filtered by
+        `artifact_type`, '' for none), if any."""
+        async with self.db.execute(
+            "SELECT status, media_type, body, filters, checked FROM referrers"
+            " WHERE registry = ? AND repository = ? AND subject = ?"
+            " AND artifact_type = ?",
+            (registry, repository, subject, artifact_type),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return ReferrersRecord(int(row[0]), str(row[1]), bytes(row[2]), row[3], row[4])
+
+    async def put_referrers(
+        self,
+        registry: str,
+        repository: str,
+        subject: str,
+        artifact_type: str,
+        record: ReferrersRecord,
+    ) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO referrers (registry, repository, subject,"
+            " artifact_type, status, media_type, body, filters, checked)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                registry,
+                repository,
+                subject,
+                artifact_type,
+                record.status,
+                record.media_type,
+                record.body,
+                record.filters,
+                record.checked,
+            ),
+        )
+        await self.db.commit()
 
     # --- access times ---------------------------------------------------------
 
@@ -317,8 +464,8 @@ class MetadataStore:
         tags, self._tag_access = self._tag_access, {}
         await self.db.executemany(
             "UPDATE tags SET last_access = max(last_access, ?)"
-            " WHERE repository = ? AND tag = ?",
-            [(t, repo, tag) for (repo, tag), t in tags.items()],
+            " WHERE registry = ? AND repository = ? AND tag = ?",
+            [(t, reg, repo, tag) for (reg, repo, tag), t in tags.items()],
         )
         await self.db.executemany(
             "UPDATE blobs SET last_access = max(last_access, ?) WHERE digest = ?",
@@ -379,7 +526,11 @@ class MetadataStore:
     # blob between the decision to remove it and the removal.
 
     async def cache_stats(self) -> CacheStats:
-        """Counts, sizes and the blob access range, as one snapshot."""
+        """Counts, sizes and the blob access range, as one snapshot.
+
+        A repository is a (registry, repository) pair with a tag or a link;
+        `registries` breaks the counts down, docker.io first.
+        """
         await self.flush_access()
         async with self._snapshot():
             async with self.db.execute(
@@ -391,14 +542,21 @@ class MetadataStore:
                 "SELECT count(*), coalesce(sum(size), 0) FROM manifests"
             ) as cur:
                 manifest_row = await cur.fetchone()
-            async with self.db.execute("SELECT count(*) FROM tags") as cur:
-                tag_row = await cur.fetchone()
             async with self.db.execute(
-                "SELECT count(*) FROM (SELECT repository FROM tags"
-                " UNION SELECT repository FROM repository_manifests)"
+                "SELECT registry, count(DISTINCT repository), count(tag) FROM ("
+                "  SELECT registry, repository, tag FROM tags"
+                "  UNION ALL SELECT registry, repository, NULL"
+                "  FROM repository_manifests)"
+                " GROUP BY registry"
             ) as cur:
-                repo_row = await cur.fetchone()
-        if not (blob_row and manifest_row and tag_row and repo_row):
+                registries = sorted(
+                    (
+                        RegistryCounts(str(r[0]), int(r[1]), int(r[2]))
+                        for r in await cur.fetchall()
+                    ),
+                    key=lambda c: registry_order(c.registry),
+                )
+        if not (blob_row and manifest_row):
             raise RuntimeError("an aggregate query returned no row")
         return CacheStats(
             blobs=int(blob_row[0]),
@@ -407,12 +565,14 @@ class MetadataStore:
             newest_access=None if blob_row[3] is None else float(blob_row[3]),
             manifests=int(manifest_row[0]),
             manifest_bytes=int(manifest_row[1]),
-            tags=int(tag_row[0]),
-            repositories=int(repo_row[0]),
+            tags=sum(c.tags for c in registries),
+            repositories=sum(c.repositories for c in registries),
+            registries=registries,
         )
 
     async def repositories(self) -> list[RepositorySummary]:
-        """Every repository with a tag or a manifest in the cache, by name.
+        """Every repository with a tag or a manifest in the cache, by
+        registry (docker.io first, then hosts by name) and name.
 
         `size` adds up the distinct blobs its manifests reference (following
         indexes to the child manifests that are cached); `cached` the part
@@ -423,49 +583,55 @@ class MetadataStore:
         async with self._snapshot():
             async with self.db.execute(
                 "WITH RECURSIVE"
-                " roots(repository, digest) AS ("
-                "   SELECT repository, digest FROM tags"
-                "   UNION SELECT repository, digest FROM repository_manifests),"
-                " reach(repository, digest) AS ("
-                "   SELECT repository, digest FROM roots"
-                "   UNION SELECT reach.repository, r.child"
+                " roots(registry, repository, digest) AS ("
+                "   SELECT registry, repository, digest FROM tags"
+                "   UNION SELECT registry, repository, digest"
+                "   FROM repository_manifests),"
+                " reach(registry, repository, digest) AS ("
+                "   SELECT registry, repository, digest FROM roots"
+                "   UNION SELECT reach.registry, reach.repository, r.child"
                 "   FROM manifest_refs r JOIN reach ON r.manifest = reach.digest"
                 "   WHERE r.kind = 'manifest'),"
-                " refs(repository, digest, size) AS ("
-                "   SELECT reach.repository, r.child, max(r.size)"
+                " refs(registry, repository, digest, size) AS ("
+                "   SELECT reach.registry, reach.repository, r.child, max(r.size)"
                 "   FROM reach JOIN manifest_refs r ON r.manifest = reach.digest"
-                "   WHERE r.kind = 'blob' GROUP BY reach.repository, r.child)"
-                " SELECT refs.repository, sum(refs.size),"
+                "   WHERE r.kind = 'blob'"
+                "   GROUP BY reach.registry, reach.repository, r.child)"
+                " SELECT refs.registry, refs.repository, sum(refs.size),"
                 "  coalesce(sum(b.size), 0), count(*), count(b.digest)"
                 " FROM refs LEFT JOIN blobs b ON b.digest = refs.digest"
-                " GROUP BY refs.repository"
+                " GROUP BY refs.registry, refs.repository"
             ) as cur:
                 sizes = {
-                    str(r[0]): tuple(map(int, r[1:])) for r in await cur.fetchall()
+                    (str(r[0]), str(r[1])): tuple(map(int, r[2:]))
+                    for r in await cur.fetchall()
                 }
             async with self.db.execute(
-                "SELECT repository, count(*), max(last_access) FROM tags"
-                " GROUP BY repository"
+                "SELECT registry, repository, count(*), max(last_access) FROM tags"
+                " GROUP BY registry, repository"
             ) as cur:
                 tags = {
-                    str(r[0]): (int(r[1]), float(r[2])) for r in await cur.fetchall()
+                    (str(r[0]), str(r[1])): (int(r[2]), float(r[3]))
+                    for r in await cur.fetchall()
                 }
             async with self.db.execute(
-                "SELECT rm.repository, count(*), max(m.last_access)"
+                "SELECT rm.registry, rm.repository, count(*), max(m.last_access)"
                 " FROM repository_manifests rm JOIN manifests m ON m.digest = rm.digest"
-                " GROUP BY rm.repository"
+                " GROUP BY rm.registry, rm.repository"
             ) as cur:
                 links = {
-                    str(r[0]): (int(r[1]), float(r[2])) for r in await cur.fetchall()
+                    (str(r[0]), str(r[1])): (int(r[2]), float(r[3]))
+                    for r in await cur.fetchall()
                 }
         summaries = []
-        for name in sorted({*tags, *links}):
-            tag_count, tag_access = tags.get(name, (0, 0.0))
-            manifest_count, manifest_access = links.get(name, (0, 0.0))
-            size, cached, blobs, cached_blobs = sizes.get(name, (0, 0, 0, 0))
+        for key in sorted({*tags, *links}, key=lambda k: (registry_order(k[0]), k[1])):
+            tag_count, tag_access = tags.get(key, (0, 0.0))
+            manifest_count, manifest_access = links.get(key, (0, 0.0))
+            size, cached, blobs, cached_blobs = sizes.get(key, (0, 0, 0, 0))
             summaries.append(
                 RepositorySummary(
-                    repository=name,
+                    registry=key[0],
+                    repository=key[1],
                     tags=tag_count,
                     manifests=manifest_count,
                     size=size,
@@ -477,8 +643,9 @@ class MetadataStore:
             )
         return summaries
 
-    async def repository_tags(self, repository: str) -> list[TagSummary]:
-        """The tags of `repository`, by name, with their image sizes.
+    async def repository_tags(self, registry: str, repository: str) -> list[TagSummary]:
+        """The tags of `repository` of `registry`, by name, with their image
+        sizes.
 
         `size` adds up the distinct blobs of the tag's manifest and, for an
         index, of its child manifests that are cached (`platforms` says how
@@ -487,33 +654,35 @@ class MetadataStore:
         HEAD resolved it and no GET followed yet).
         """
         await self.flush_access()
+        key = (registry, repository)
         async with self._snapshot():
             async with self.db.execute(
                 "SELECT t.tag, t.digest, t.media_type, t.fetched, t.checked,"
                 " t.last_access, m.digest IS NOT NULL"
                 " FROM tags t LEFT JOIN manifests m ON m.digest = t.digest"
-                " WHERE t.repository = ? ORDER BY t.tag",
-                (repository,),
+                " WHERE t.registry = ? AND t.repository = ? ORDER BY t.tag",
+                key,
             ) as cur:
                 rows = await cur.fetchall()
             async with self.db.execute(
                 "WITH RECURSIVE"
-                " roots(repository, digest) AS ("
-                "   SELECT tag, digest FROM tags WHERE repository = ?),"
-                " reach(repository, digest) AS ("
-                "   SELECT repository, digest FROM roots"
-                "   UNION SELECT reach.repository, r.child"
+                " roots(tag, digest) AS ("
+                "   SELECT tag, digest FROM tags"
+                "   WHERE registry = ? AND repository = ?),"
+                " reach(tag, digest) AS ("
+                "   SELECT tag, digest FROM roots"
+                "   UNION SELECT reach.tag, r.child"
                 "   FROM manifest_refs r JOIN reach ON r.manifest = reach.digest"
                 "   WHERE r.kind = 'manifest'),"
                 " refs(tag, digest, size) AS ("
-                "   SELECT reach.repository, r.child, max(r.size)"
+                "   SELECT reach.tag, r.child, max(r.size)"
                 "   FROM reach JOIN manifest_refs r ON r.manifest = reach.digest"
-                "   WHERE r.kind = 'blob' GROUP BY reach.repository, r.child)"
+                "   WHERE r.kind = 'blob' GROUP BY reach.tag, r.child)"
                 " SELECT refs.tag, sum(refs.size), coalesce(sum(b.size), 0),"
                 "  count(*), count(b.digest)"
                 " FROM refs LEFT JOIN blobs b ON b.digest = refs.digest"
                 " GROUP BY refs.tag",
-                (repository,),
+                key,
             ) as cur:
                 sizes = {
                     str(r[0]): tuple(map(int, r[1:])) for r in await cur.fetchall()
@@ -523,8 +692,8 @@ class MetadataStore:
                 " FROM tags t JOIN manifest_refs r"
                 "  ON r.manifest = t.digest AND r.kind = 'manifest'"
                 " LEFT JOIN manifests m ON m.digest = r.child"
-                " WHERE t.repository = ? GROUP BY t.tag",
-                (repository,),
+                " WHERE t.registry = ? AND t.repository = ? GROUP BY t.tag",
+                key,
             ) as cur:
                 platforms = {
                     str(r[0]): (int(r[2]), int(r[1])) for r in await cur.fetchall()
@@ -534,6 +703,7 @@ class MetadataStore:
             size, cached, blobs, cached_blobs = sizes.get(tag, (0, 0, 0, 0))
             summaries.append(
                 TagSummary(
+                    registry=registry,
                     repository=repository,
                     tag=str(tag),
                     digest=str(digest),
@@ -553,13 +723,16 @@ class MetadataStore:
 
     async def purge_repository(
         self,
+        registry: str,
         repository: str,
         tag: str | None = None,
         *,
         dry_run: bool = False,
         before_commit: Callable[[list[str]], None] | None = None,
     ) -> PurgeRecord:
-        """Forget a repository, or one of its tags, then collect garbage.
+        """Forget a repository of `registry`, or one of its tags, then
+        collect garbage. The same repository name of another registry is
+        not touched.
 
         Without `tag`: its tags and its repository links go. With `tag`: the
         tag goes, and so do the repository's links to the manifests that tag
@@ -572,48 +745,54 @@ class MetadataStore:
         would have gone. Raises sqlite3.Error (e.g. the database stayed
         locked for longer than busy_timeout).
         """
+        repo = (registry, repository)
 
-        async def roots() -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+        async def roots() -> tuple[list[TagKey], list[LinkKey]]:
             if tag is None:
+                # Its referrers lists go too (they are no roots: nothing to
+                # report, and a dry run rolls this back with the rest).
+                await self.db.execute(
+                    "DELETE FROM referrers WHERE registry = ? AND repository = ?",
+                    repo,
+                )
                 tags = await self._fetch(
-                    "SELECT repository, tag, digest FROM tags WHERE repository = ?"
-                    " ORDER BY tag",
-                    (repository,),
+                    "SELECT registry, repository, tag, digest FROM tags"
+                    " WHERE registry = ? AND repository = ? ORDER BY tag",
+                    repo,
                 )
                 links = await self._fetch(
-                    "SELECT repository, digest FROM repository_manifests"
-                    " WHERE repository = ? ORDER BY digest",
-                    (repository,),
+                    "SELECT registry, repository, digest FROM repository_manifests"
+                    " WHERE registry = ? AND repository = ? ORDER BY digest",
+                    repo,
                 )
             else:
                 tags = await self._fetch(
-                    "SELECT repository, tag, digest FROM tags"
-                    " WHERE repository = ? AND tag = ?",
-                    (repository, tag),
+                    "SELECT registry, repository, tag, digest FROM tags"
+                    " WHERE registry = ? AND repository = ? AND tag = ?",
+                    (*repo, tag),
                 )
                 links = await self._fetch(
                     "WITH RECURSIVE"
                     " tree(digest) AS ("
-                    "   SELECT digest FROM tags WHERE repository = ? AND tag = ?"
+                    "   SELECT digest FROM tags"
+                    "   WHERE registry = ? AND repository = ? AND tag = ?"
                     "   UNION SELECT r.child FROM manifest_refs r"
                     "   JOIN tree ON r.manifest = tree.digest"
                     "   WHERE r.kind = 'manifest'),"
                     " keep(digest) AS ("
-                    "   SELECT digest FROM tags WHERE repository = ? AND tag != ?"
+                    "   SELECT digest FROM tags"
+                    "   WHERE registry = ? AND repository = ? AND tag != ?"
                     "   UNION SELECT r.child FROM manifest_refs r"
                     "   JOIN keep ON r.manifest = keep.digest"
                     "   WHERE r.kind = 'manifest')"
-                    " SELECT repository, digest FROM repository_manifests"
-                    " WHERE repository = ?"
+                    " SELECT registry, repository, digest FROM repository_manifests"
+                    " WHERE registry = ? AND repository = ?"
                     "  AND digest IN (SELECT digest FROM tree)"
                     "  AND digest NOT IN (SELECT digest FROM keep)"
                     " ORDER BY digest",
-                    (repository, tag, repository, tag, repository),
+                    (*repo, tag, *repo, tag, *repo),
                 )
-            return (
-                [(str(r), str(t), str(d)) for r, t, d in tags],
-                [(str(r), str(d)) for r, d in links],
-            )
+            return _tag_keys(tags), _link_keys(links)
 
         return await self._purge(roots, None, dry_run, before_commit)
 
@@ -627,35 +806,32 @@ class MetadataStore:
         """Forget what was last used before `cutoff` (seconds since the epoch).
 
         Tags whose last access is older, repository links to manifests whose
-        last access is older, and blobs whose last access is older go; then
-        garbage is collected as for `purge_repository`, whose arguments and
-        errors these are.
+        last access is older, and blobs whose last access is older go, in
+        every registry; then garbage is collected as for `purge_repository`,
+        whose arguments and errors these are.
         """
 
-        async def roots() -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+        async def roots() -> tuple[list[TagKey], list[LinkKey]]:
+            await self.db.execute("DELETE FROM referrers WHERE checked < ?", (cutoff,))
             tags = await self._fetch(
-                "SELECT repository, tag, digest FROM tags WHERE last_access < ?"
-                " ORDER BY repository, tag",
+                "SELECT registry, repository, tag, digest FROM tags"
+                " WHERE last_access < ? ORDER BY registry, repository, tag",
                 (cutoff,),
             )
             links = await self._fetch(
-                "SELECT rm.repository, rm.digest FROM repository_manifests rm"
+                "SELECT rm.registry, rm.repository, rm.digest"
+                " FROM repository_manifests rm"
                 " JOIN manifests m ON m.digest = rm.digest WHERE m.last_access < ?"
-                " ORDER BY rm.repository, rm.digest",
+                " ORDER BY rm.registry, rm.repository, rm.digest",
                 (cutoff,),
             )
-            return (
-                [(str(r), str(t), str(d)) for r, t, d in tags],
-                [(str(r), str(d)) for r, d in links],
-            )
+            return _tag_keys(tags), _link_keys(links)
 
         return await self._purge(roots, cutoff, dry_run, before_commit)
 
     async def _purge(
         self,
-        roots: Callable[
-            [], Awaitable[tuple[list[tuple[str, str, str]], list[tuple[str, str]]]]
-        ],
+        roots: Callable[[], Awaitable[tuple[list[TagKey], list[LinkKey]]]],
         cutoff: float | None,
         dry_run: bool,
         before_commit: Callable[[list[str]], None] | None,
@@ -665,11 +841,12 @@ class MetadataStore:
         try:
             tags, links = await roots()
             await self.db.executemany(
-                "DELETE FROM tags WHERE repository = ? AND tag = ?",
-                [(r, t) for r, t, _d in tags],
+                "DELETE FROM tags WHERE registry = ? AND repository = ? AND tag = ?",
+                [(g, r, t) for g, r, t, _d in tags],
             )
             await self.db.executemany(
-                "DELETE FROM repository_manifests WHERE repository = ? AND digest = ?",
+                "DELETE FROM repository_manifests"
+                " WHERE registry = ? AND repository = ? AND digest = ?",
                 links,
             )
             manifests, blobs = await self._collect_garbage(cutoff)
@@ -695,8 +872,10 @@ class MetadataStore:
     ) -> tuple[list[tuple[str, str, int]], list[tuple[str, int]]]:
         """Delete what no root needs; in the caller's write transaction.
 
-        A root is a tag or a repository link (`repository_manifests`). A
-        manifest stays if a root reaches it, directly or through an index.
+        A root is a tag or a repository link (`repository_manifests`), of
+        any registry: manifests are shared, so one registry's root keeps a
+        manifest another registry's purge let go. A manifest stays if a root
+        reaches it, directly or through an index.
         A blob goes if a manifest being deleted referenced it and no
         remaining manifest does, or if its last access is before `cutoff`.
         Blobs no manifest ever referenced are left to eviction. Returns the
@@ -752,8 +931,9 @@ class MetadataStore:
             await self.db.rollback()
 
 
-# Manifests no root reaches. A root is a tag or a repository link; a manifest
-# is reached from a root directly or through an index (recursively). UNION,
+# Manifests no root reaches. A root is a tag or a repository link, of any
+# registry (manifests are shared, so the registry does not matter here); a
+# manifest is reached from a root directly or through an index (recursively). UNION,
 # not UNION ALL, makes a reference cycle terminate. A per-connection view, so
 # the walk is written once and evaluated inside the caller's transaction.
 _DEAD_MANIFESTS_VIEW = """
@@ -772,6 +952,25 @@ _DEAD_MANIFESTS_VIEW = """
 """
 
 
+def registry_order(registry: str) -> tuple[bool, str]:
+    """Sort key for registries: docker.io first, then hosts by name."""
+    return (registry != DOCKER_IO, registry)
+
+
+# A tag as a purge reports it: (registry, repository, tag, digest); a
+# repository link: (registry, repository, manifest digest).
+TagKey = tuple[str, str, str, str]
+LinkKey = tuple[str, str, str]
+
+
+def _tag_keys(rows: list[tuple[Any, ...]]) -> list[TagKey]:
+    return [(str(g), str(r), str(t), str(d)) for g, r, t, d in rows]
+
+
+def _link_keys(rows: list[tuple[Any, ...]]) -> list[LinkKey]:
+    return [(str(g), str(r), str(d)) for g, r, d in rows]
+
+
 @dataclass(frozen=True, slots=True)
 class CacheStats:
     blobs: int
@@ -781,11 +980,23 @@ class CacheStats:
     manifests: int
     manifest_bytes: int
     tags: int
+    repositories: int  # distinct (registry, repository)
+    registries: list[RegistryCounts]  # docker.io first, then by host
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryCounts:
+    """What the cache holds of one registry (a registry with neither tags
+    nor links is not listed)."""
+
+    registry: str
     repositories: int
+    tags: int
 
 
 @dataclass(frozen=True, slots=True)
 class RepositorySummary:
+    registry: str
     repository: str
     tags: int
     manifests: int  # linked to it: fetched through this repository
@@ -798,6 +1009,7 @@ class RepositorySummary:
 
 @dataclass(frozen=True, slots=True)
 class TagSummary:
+    registry: str
     repository: str
     tag: str
     digest: str
@@ -817,8 +1029,8 @@ class TagSummary:
 class PurgeRecord:
     """What a purge removed (or, dry, would remove)."""
 
-    tags: list[tuple[str, str, str]]  # repository, tag, digest
-    links: list[tuple[str, str]]  # repository, manifest digest
+    tags: list[TagKey]  # registry, repository, tag, digest
+    links: list[LinkKey]  # registry, repository, manifest digest
     manifests: list[tuple[str, str, int]]  # digest, media type, size
     blobs: list[tuple[str, int]]  # digest, size
 

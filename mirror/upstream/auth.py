@@ -29,6 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -36,7 +37,7 @@ import aiohttp
 from cachetools import TLRUCache
 
 from mirror.errors import UpstreamDenied, UpstreamUnavailable
-from mirror.metrics import Metrics
+from mirror.metrics import UpstreamMetrics
 from mirror.singleflight import SingleFlight
 from mirror.upstream.body import read_bounded
 from mirror.values import loads_json
@@ -139,13 +140,21 @@ def realm_trusted(realm: str, upstream_url: str, trusted: tuple[str, ...]) -> bo
     return host == domain or host.endswith("." + domain) or host in trusted
 
 
+# GET url with params and headers: the token request, as the registry's client
+# sends it (its session, its TLS trust, no redirects).
+TokenGet = Callable[
+    [str, dict[str, str], dict[str, str]],
+    AbstractAsyncContextManager[aiohttp.ClientResponse],
+]
+
+
 class TokenAuth:
     """Bearer tokens (and Basic answers) for one upstream registry."""
 
     def __init__(
         self,
-        session_getter: Callable[[], aiohttp.ClientSession],
-        metrics: Metrics,
+        get: TokenGet,
+        metrics: UpstreamMetrics,
         *,
         upstream_url: str,
         credentials: Credentials | None = None,
@@ -153,7 +162,7 @@ class TokenAuth:
         max_body_size: int = MAX_TOKEN_BODY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._session = session_getter
+        self._get = get
         self._max_body_size = max_body_size
         self._metrics = metrics
         self._upstream_url = upstream_url
@@ -199,7 +208,7 @@ class TokenAuth:
             )
         realm = challenge.realm
         if challenge.scheme == "bearer" and realm and not valid_realm(realm):
-            self._metrics.upstream_invalid.labels("token_realm").inc()
+            self._metrics.invalid.labels("token_realm").inc()
             raise UpstreamUnavailable("upstream token realm is not a valid URL")
         self._challenge = challenge
         if challenge.scheme == "basic":
@@ -229,11 +238,12 @@ class TokenAuth:
                 challenge.realm, self._upstream_url, self._trusted_realms
             ):
                 log.error(
-                    "refusing to send credentials to untrusted token realm %s "
-                    "(add its host to upstream.trusted_realms if it is genuine)",
+                    "refusing to send %s credentials to untrusted token realm %s "
+                    "(add its host to trusted_realms if it is genuine)",
+                    self._metrics.registry,
                     challenge.realm,
                 )
-                self._metrics.upstream_auth_failures.labels("untrusted_realm").inc()
+                self._metrics.auth_failures.labels("untrusted_realm").inc()
                 raise UpstreamDenied(
                     "upstream token realm is not trusted with credentials",
                     {"realm_host": urlsplit(challenge.realm).hostname},
@@ -243,10 +253,8 @@ class TokenAuth:
         if challenge.service:
             params["service"] = challenge.service
         try:
-            async with self._session().get(
-                challenge.realm, params=params, headers=headers, allow_redirects=False
-            ) as resp:
-                self._metrics.upstream_requests.labels("token", str(resp.status)).inc()
+            async with self._get(challenge.realm, params, headers) as resp:
+                self._metrics.requests.labels("token", str(resp.status)).inc()
                 if resp.status in (401, 403):
                     self._rejected(resp.status)
                 if resp.status != 200:
@@ -255,27 +263,29 @@ class TokenAuth:
                     )
                 raw_body = await self._read_limited(resp)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self._metrics.upstream_requests.labels("token", "error").inc()
+            self._metrics.requests.labels("token", "error").inc()
             raise UpstreamUnavailable(
                 "upstream token service unreachable", {"error": type(exc).__name__}
             ) from exc
         try:
             body = loads_json(raw_body)
         except ValueError:
-            self._metrics.upstream_invalid.labels("token").inc()
+            self._metrics.invalid.labels("token").inc()
             raise UpstreamUnavailable("upstream token service sent no JSON") from None
         raw = None
         if isinstance(body, dict):
             raw = body.get("access_token") or body.get("token")
         if not isinstance(raw, str) or not raw or not _header_safe(raw):
-            self._metrics.upstream_invalid.labels("token").inc()
+            self._metrics.invalid.labels("token").inc()
             raise UpstreamUnavailable("upstream token service sent no token")
         ttl = _token_ttl(body.get("expires_in"))
         expires_at = self._clock() + ttl - token_expiry_margin(ttl)
         token = _Token(f"Bearer {raw}", expires_at)
         self._tokens[(challenge.realm, challenge.service, scope)] = token
         if self.credentials_rejected:
-            log.info("upstream accepts the configured credentials again")
+            log.info(
+                "%s accepts the configured credentials again", self._metrics.registry
+            )
         self.credentials_rejected = False
         log.debug("got upstream token for %s (ttl %.0fs)", scope, ttl)
         return token
@@ -285,16 +295,17 @@ class TokenAuth:
         if self._credentials is not None:
             self.credentials_rejected = True
             self._rejected_until = self._clock() + REJECTED_BACKOFF
-            self._metrics.upstream_auth_failures.labels("rejected").inc()
+            self._metrics.auth_failures.labels("rejected").inc()
             log.error(
-                "upstream rejected the configured credentials (HTTP %d); check "
-                "upstream.username and upstream.password",
+                "%s rejected the configured credentials (HTTP %d); check its "
+                "username and password",
+                self._metrics.registry,
                 status,
             )
             raise UpstreamDenied(
                 "upstream rejected the mirror's credentials", {"status": status}
             )
-        self._metrics.upstream_auth_failures.labels("denied").inc()
+        self._metrics.auth_failures.labels("denied").inc()
         raise UpstreamDenied("upstream token service refused the request")
 
     async def _read_limited(self, resp: aiohttp.ClientResponse) -> bytes:
@@ -303,7 +314,7 @@ class TokenAuth:
         limit = self._max_body_size
         body = await read_bounded(resp, limit)
         if body is None:
-            self._metrics.upstream_invalid.labels("too_large").inc()
+            self._metrics.invalid.labels("too_large").inc()
             raise UpstreamUnavailable(f"upstream token response exceeds {limit} bytes")
         return body
 

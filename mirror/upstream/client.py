@@ -1,6 +1,6 @@
-"""UpstreamClient: the registry API calls mirror makes, over one ClientSession.
+"""UpstreamClient: the registry API calls mirror makes to one upstream registry.
 
-It speaks Registry HTTP API V2 to one upstream (Docker Hub by default):
+It speaks Registry HTTP API V2 to one upstream (Docker Hub, ghcr.io, ...):
 manifest HEAD/GET, blob GET (following the 307 to a CDN; aiohttp drops the
 Authorization header on a cross-origin redirect) and tags/list. It answers
 auth challenges through `TokenAuth`, and turns every failure into the domain
@@ -9,9 +9,11 @@ body stream of an open blob response, which the caller reads.
 
 Upstream is a peer that may misbehave, so what it sends is checked first:
 
-* Two connection pools: blob downloads use their own (`max_downloads`
-  connections), so manifest, tag and token requests never queue behind them
-  (`max_connections`).
+* Two connection pools (`UpstreamPools`), shared by every registry's client
+  so that adding registries does not multiply connections: blob downloads
+  use their own (`max_downloads` connections), so manifest, tag and token
+  requests never queue behind them (`max_connections`). Each client has its
+  own sessions over them, with its own timeouts and TLS trust.
 * Bodies read into memory (manifests, tag lists, tokens) stop at
   `max_body_size`, whatever Content-Length says, and are read to EOF however
   many reads the network splits them into.
@@ -30,6 +32,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -48,7 +51,7 @@ from mirror.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from mirror.metrics import Metrics
+from mirror.metrics import UpstreamMetrics
 from mirror.upstream.auth import Credentials, TokenAuth
 from mirror.upstream.body import read_bounded
 from mirror.upstream.ratelimit import MAX_THROTTLE, RateLimit
@@ -66,6 +69,7 @@ MANIFEST_MEDIA_TYPES = (
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+OCI_INDEX = MANIFEST_MEDIA_TYPES[0]
 USER_AGENT = "mirror/0.1 (+pull-through cache)"
 # Parts of an error message that may carry secrets: a URL's query (CDN
 # signatures) and userinfo.
@@ -96,12 +100,13 @@ class UpstreamStatus:
 
 @dataclass(frozen=True, slots=True)
 class Passthrough:
-    """An upstream response relayed as is (tags/list)."""
+    """An upstream response relayed as is (tags/list, referrers)."""
 
     status: int
     content_type: str
     body: bytes
     link: str | None
+    filters: str | None = None  # OCI-Filters-Applied (referrers)
 
 
 class BlobResponse:
@@ -119,6 +124,42 @@ class BlobResponse:
         self.content = response.content
 
 
+class UpstreamPools:
+    """The two connection pools all registries share; `open()` before the
+    clients open, `close()` after they closed.
+
+    Their limits bound the whole process: `max_connections` for manifest,
+    tag and token requests, `max_downloads` (plus the small-blob lane) for
+    blob downloads.
+    """
+
+    def __init__(self, max_connections: int, max_downloads: int) -> None:
+        self._limits = (
+            max_connections,
+            max_downloads + small_blob_slots(max_downloads),
+        )
+        self._connectors: tuple[aiohttp.TCPConnector, aiohttp.TCPConnector] | None = (
+            None
+        )
+
+    async def open(self) -> None:
+        metadata, blobs = self._limits
+        self._connectors = (
+            aiohttp.TCPConnector(limit=metadata),
+            aiohttp.TCPConnector(limit=blobs),
+        )
+
+    async def close(self) -> None:
+        for connector in self._connectors or ():
+            await connector.close()
+        self._connectors = None
+
+    def connector(self, *, blob: bool) -> aiohttp.TCPConnector:
+        if self._connectors is None:
+            raise RuntimeError("UpstreamPools used before open()")
+        return self._connectors[1 if blob else 0]
+
+
 class UpstreamClient:
     """Registry calls against `config.url`. `open()` before use, `close()` after.
 
@@ -127,26 +168,31 @@ class UpstreamClient:
     fail at once, so clients get a quick 503 (and the cache serves what it
     has) instead of each waiting out the retries. After a 429, requests that
     would spend a pull (manifest GETs) fail at once with UpstreamRateLimited
-    until the throttle passes.
+    until the throttle passes. All of that state is this client's: one
+    registry down or throttled leaves the others alone.
     """
 
     def __init__(
         self,
         config: UpstreamConfig,
-        metrics: Metrics,
+        metrics: UpstreamMetrics,
+        pools: UpstreamPools,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._metrics = metrics
+        self._pools = pools
         self._clock = clock
+        self.name = metrics.registry
         self._session: aiohttp.ClientSession | None = None
         self._blob_session: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | bool = True  # set by open()
         credentials = (
             Credentials(config.username, config.password) if config.username else None
         )
         self.auth = TokenAuth(
-            self._get_session,
+            self._token_get,
             metrics,
             upstream_url=config.url,
             credentials=credentials,
@@ -162,38 +208,40 @@ class UpstreamClient:
         )
         self._down_until = 0.0
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _get_session(self, *, blob: bool = False) -> aiohttp.ClientSession:
+        session = self._blob_session if blob else self._session
+        if session is None:
             raise RuntimeError("UpstreamClient used before open()")
-        return self._session
+        return session
 
-    def _get_blob_session(self) -> aiohttp.ClientSession:
-        if self._blob_session is None:
-            raise RuntimeError("UpstreamClient used before open()")
-        return self._blob_session
+    def _token_get(
+        self, url: str, params: dict[str, str], headers: dict[str, str]
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """A GET to the token service, with this registry's TLS trust."""
+        return self._get_session().get(
+            url, params=params, headers=headers, allow_redirects=False, ssl=self._ssl
+        )
 
     async def open(self) -> None:
-        """Create the two sessions. Raises ssl.SSLError for a bad ca_file."""
+        """Create the two sessions over the shared pools. Raises ssl.SSLError
+        for a bad ca_file."""
         context = ssl.create_default_context()
         if self._config.ca_file is not None:
             context.load_verify_locations(cafile=self._config.ca_file)
-        self._session = self._new_session(context, self._config.max_connections)
-        downloads = self._config.max_downloads
-        self._blob_session = self._new_session(
-            context, downloads + small_blob_slots(downloads)
-        )
-        self._metrics.upstream_up.set(1)
+        self._ssl = context
+        self._session = self._new_session(blob=False)
+        self._blob_session = self._new_session(blob=True)
+        self._metrics.up.set(1)
 
-    def _new_session(
-        self, context: ssl.SSLContext, connections: int
-    ) -> aiohttp.ClientSession:
+    def _new_session(self, *, blob: bool) -> aiohttp.ClientSession:
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=self._config.connect_timeout,
             sock_read=self._config.read_timeout,
         )
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connections, ssl=context),
+            connector=self._pools.connector(blob=blob),
+            connector_owner=False,
             timeout=timeout,
             # identity: a body is hashed and cached exactly as it arrives, so
             # it must arrive unencoded; see _check_encoding.
@@ -270,14 +318,15 @@ class UpstreamClient:
                     )
         except UpstreamUnavailable:
             self._down_until = self._clock() + self._config.down_backoff
-            self._metrics.upstream_up.set(0)
+            self._metrics.up.set(0)
             log.warning(
-                "upstream %s failed after retries; failing fast for %ss",
+                "upstream %s (%s) failed after retries; failing fast for %ss",
+                self.name,
                 self._config.url,
                 self._config.down_backoff,
             )
             raise
-        self._metrics.upstream_up.set(1)
+        self._metrics.up.set(1)
         try:
             yield resp
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -299,7 +348,7 @@ class UpstreamClient:
         blob: bool,
     ) -> aiohttp.ClientResponse:
         """Send once, answering one auth challenge. See _request for errors."""
-        session = self._get_blob_session() if blob else self._get_session()
+        session = self._get_session(blob=blob)
         scope = f"repository:{repository}:pull"
         send: CIMultiDict[str] = CIMultiDict(headers or {})
         for attempt in (1, 2):
@@ -314,14 +363,15 @@ class UpstreamClient:
                         headers=send,
                         params=params,
                         allow_redirects=blob,
+                        ssl=self._ssl,
                     )
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 # ValueError: a redirect to a URL aiohttp cannot parse.
-                self._metrics.upstream_requests.labels(kind, "error").inc()
+                self._metrics.requests.labels(kind, "error").inc()
                 raise UpstreamUnavailable(
                     "upstream unreachable", {"error": describe_error(exc)}
                 ) from exc
-            self._metrics.upstream_requests.labels(kind, str(resp.status)).inc()
+            self._metrics.requests.labels(kind, str(resp.status)).inc()
             self.ratelimit.observe(resp.headers)
             challenge = resp.headers.get("WWW-Authenticate")
             if resp.status == 401 and challenge and attempt == 1:
@@ -384,7 +434,7 @@ class UpstreamClient:
             except BodyCut as exc:
                 if attempt == attempts:
                     raise
-                self._metrics.upstream_retries.labels("manifest").inc()
+                self._metrics.retries.labels("manifest").inc()
                 log.info(
                     "upstream cut manifest %s:%s short (%s); attempt %d of %d",
                     repository,
@@ -412,7 +462,7 @@ class UpstreamClient:
             if not _json_object(body):
                 # A proxy's error page with 200, say: not a manifest.
                 self._invalid("manifest", "upstream sent a manifest that is not JSON")
-            self._metrics.upstream_bytes.labels("manifest").inc(len(body))
+            self._metrics.bytes.labels("manifest").inc(len(body))
             info = ManifestInfo(
                 resp.headers.get("Docker-Content-Digest"), kind, len(body)
             )
@@ -475,6 +525,42 @@ class UpstreamClient:
                 link = None
             return Passthrough(resp.status, kind, body, link)
 
+    async def get_referrers(
+        self, repository: str, digest: str, params: dict[str, str]
+    ) -> Passthrough | None:
+        """The referrers of `digest` (OCI 1.1), relayed as upstream sent them;
+        None when upstream answers 404: it has no referrers API (or no such
+        repository), and clients are to fall back to the tag schema.
+
+        Raises UpstreamError (including a body that is not a JSON object).
+        """
+        async with self._request(
+            "GET",
+            repository,
+            f"referrers/{digest}",
+            "referrers",
+            headers={"Accept": OCI_INDEX},
+            params=params,
+        ) as resp:
+            if resp.status == 404:
+                return None
+            _check(resp, lambda: NameUnknown("repository name not known to registry"))
+            kind = self._media_type(resp, "referrers")
+            body = await self._read_body(resp, "referrers")
+            if not _json_object(body):
+                self._invalid(
+                    "manifest", "upstream sent a referrers list that is not JSON"
+                )
+            filters = resp.headers.get("OCI-Filters-Applied")
+            link = resp.headers.get("Link")
+            return Passthrough(
+                resp.status,
+                kind,
+                body,
+                link if link is not None and _printable(link) else None,
+                filters if filters is not None and _printable(filters) else None,
+            )
+
     # --- checks on what upstream sends ---------------------------------------
 
     def _invalid(self, reason: str, message: str, detail: object = None) -> NoReturn:
@@ -482,7 +568,7 @@ class UpstreamClient:
 
         Raises UpstreamUnavailable, or ManifestTooLarge for reason too_large.
         """
-        self._metrics.upstream_invalid.labels(reason).inc()
+        self._metrics.invalid.labels(reason).inc()
         if reason == "too_large":
             raise ManifestTooLarge(message, detail)
         raise UpstreamUnavailable(message, detail)

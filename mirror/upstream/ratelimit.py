@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mirror.metrics import Metrics
+from mirror.metrics import UpstreamMetrics
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class RateLimit:
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: UpstreamMetrics,
         *,
         warn_below: int,
         clock: Callable[[], float] = time.monotonic,
@@ -88,14 +88,15 @@ class RateLimit:
             window or self.budget.window,
         )
         if self.budget.limit is not None:
-            self._metrics.ratelimit_limit.set(self.budget.limit)
+            self._metrics.ratelimit_limit.labels().set(self.budget.limit)
         if self.budget.remaining is None:
             return
-        self._metrics.ratelimit_remaining.set(self.budget.remaining)
+        self._metrics.ratelimit_remaining.labels().set(self.budget.remaining)
         low = self.budget.remaining < self.warn_below
         if low and not self._warned:
             log.warning(
-                "upstream pull budget low: %d of %s left (window %ss)",
+                "%s pull budget low: %d of %s left (window %ss)",
+                self._metrics.registry,
                 self.budget.remaining,
                 self.budget.limit,
                 self.budget.window,
@@ -107,8 +108,10 @@ class RateLimit:
         wait = retry_after if retry_after is not None else self.budget.window
         wait = min(float(wait), MAX_THROTTLE) if wait else DEFAULT_THROTTLE
         self._throttled_until = max(self._throttled_until, self._clock() + wait)
-        self._metrics.ratelimit_remaining.set(0)
-        log.warning("upstream rate limit reached; throttled for %.0fs", wait)
+        self._metrics.ratelimit_remaining.labels().set(0)
+        log.warning(
+            "%s rate limit reached; throttled for %.0fs", self._metrics.registry, wait
+        )
         return wait
 
     def throttled_for(self) -> float | None:

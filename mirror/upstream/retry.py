@@ -23,7 +23,7 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from mirror.errors import UpstreamUnavailable
-from mirror.metrics import Metrics
+from mirror.metrics import UpstreamMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ class RetryPolicy:
             multiplier=self.backoff, max=self.backoff * 16
         ) + wait_random(0, self.backoff)
 
-    def retrying(self, kind: str, metrics: Metrics) -> AsyncRetrying:
+    def retrying(self, kind: str, metrics: UpstreamMetrics) -> AsyncRetrying:
         def before_sleep(state: RetryCallState) -> None:
-            metrics.upstream_retries.labels(kind).inc()
+            metrics.retries.labels(kind).inc()
             outcome = state.outcome
             error = outcome.exception() if outcome is not None else None
             log.info(
-                "upstream %s request failed (%s); attempt %d of %d",
+                "%s %s request failed (%s); attempt %d of %d",
+                metrics.registry,
                 kind,
                 error,
                 state.attempt_number,

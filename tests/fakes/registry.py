@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -34,6 +35,7 @@ class Logged:
     method: str
     path: str
     headers: dict[str, str]
+    query: str = ""  # the raw query string, as sent
 
     @property
     def kind(self) -> str:
@@ -102,6 +104,9 @@ class FakeRegistry:
     ratelimit: int | None = None
     ratelimit_limit: int = 100
     retry_after: str | None = "30"
+    # Without the OCI 1.1 referrers API, GET .../referrers/ is a 404, as
+    # distribution 2.8 answers.
+    referrers_api: bool = True
 
     def revoke_tokens(self) -> None:
         self.tokens_valid_from = self.tokens_issued + 1
@@ -157,6 +162,33 @@ class FakeRegistry:
         digest = self.add_manifest(repository, manifest, OCI_MANIFEST, tag)
         return Image(repository, tag, manifest, digest, config_digest, layer_digests)
 
+    def push_referrer(
+        self,
+        repository: str,
+        subject: Image,
+        artifact_type: str,
+        payload: bytes = b"signature",
+        tag: str | None = None,
+    ) -> str:
+        """An OCI artifact manifest whose subject is `subject` (a signature,
+        an SBOM); `tag` for the tag schema (`sha256-<hex>.sig`)."""
+        blob = self.add_blob(payload)
+        body = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "artifactType": artifact_type,
+                "config": _descriptor(
+                    "application/vnd.oci.empty.v1+json", self.add_blob(b"{}"), 2
+                ),
+                "layers": [_descriptor(artifact_type, blob, len(payload))],
+                "subject": _descriptor(
+                    OCI_MANIFEST, subject.digest, len(subject.manifest)
+                ),
+            }
+        ).encode()
+        return self.add_manifest(repository, body, OCI_MANIFEST, tag)
+
     def push_index(self, repository: str, tag: str, images: list[Image]) -> str:
         index = json.dumps(
             {
@@ -204,13 +236,21 @@ class FakeRegistry:
         app.router.add_get("/v2/{name:.+}/manifests/{reference}", self._manifest)
         app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
+        app.router.add_get("/v2/{name:.+}/referrers/{digest}", self._referrers)
         return app
 
     @web.middleware
     async def _middleware(
         self, request: web.Request, handler: object
     ) -> web.StreamResponse:
-        self.log.append(Logged(request.method, request.path, dict(request.headers)))
+        self.log.append(
+            Logged(
+                request.method,
+                request.path,
+                dict(request.headers),
+                request.query_string,
+            )
+        )
         if self.stall is not None and request.path != "/token":
             await self.stall.wait()
         if self.fail_statuses and request.path != "/token":
@@ -360,7 +400,39 @@ class FakeRegistry:
         tags = sorted(t for (repo, t) in self.tags if repo == name)
         if not tags:
             return _error(404, "NAME_UNKNOWN")
-        return web.json_response({"name": name, "tags": tags})
+        # Pagination as distribution does it: n tags after `last`, and a Link
+        # to the next page while there is one.
+        last = request.query.get("last")
+        if last is not None:
+            tags = [t for t in tags if t > last]
+        headers = {}
+        n = request.query.get("n")
+        if n is not None and n.isdigit() and len(tags) > int(n):
+            tags = tags[: int(n)]
+            query = urlencode({"last": tags[-1], "n": n})
+            headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
+        return web.json_response({"name": name, "tags": tags}, headers=headers)
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        if not self.referrers_api:
+            return web.Response(status=404, text="404 page not found\n")
+        subject = request.match_info["digest"]
+        wanted = request.query.get("artifactType")
+        found = []
+        for digest, (media_type, body) in sorted(self.manifests.items()):
+            doc = json.loads(body)
+            if doc.get("subject", {}).get("digest") != subject:
+                continue
+            kind = doc.get("artifactType") or doc["config"]["mediaType"]
+            if wanted is None or kind == wanted:
+                found.append(
+                    {**_descriptor(media_type, digest, len(body)), "artifactType": kind}
+                )
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        headers = {"Content-Type": OCI_INDEX}
+        if wanted is not None:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        return web.Response(body=json.dumps(index).encode(), headers=headers)
 
 
 def _descriptor(media_type: str, digest: str, size: int) -> dict[str, object]:

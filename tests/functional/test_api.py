@@ -84,10 +84,18 @@ async def test_metrics_count_requests_cache_results_and_upstream_bytes(
     assert (
         'mirror_http_requests_total{method="GET",route="blob",status="200"} 2.0' in text
     )
-    assert 'mirror_cache_requests_total{kind="blob",result="miss"} 1.0' in text
-    assert 'mirror_cache_requests_total{kind="blob",result="hit"} 1.0' in text
-    assert 'mirror_upstream_bytes_total{kind="blob"} 5000.0' in text
-    assert 'mirror_upstream_requests_total{kind="blob",result="200"} 1.0' in text
+    hub = 'registry="docker.io"'
+    assert f'mirror_cache_requests_total{{kind="blob",{hub},result="miss"}} 1.0' in text
+    assert (
+        'mirror_cache_requests_total{kind="blob",registry="docker.io",result="hit"} 1.0'
+        in text
+    )
+    assert (
+        'mirror_upstream_bytes_total{kind="blob",registry="docker.io"} 5000.0' in text
+    )
+    assert (
+        f'mirror_upstream_requests_total{{kind="blob",{hub},result="200"}} 1.0' in text
+    )
     assert "mirror_blob_downloads_in_progress 0.0" in text
 
 

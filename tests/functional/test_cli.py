@@ -250,9 +250,16 @@ async def test_purge_repository_removes_only_what_nothing_else_uses(
     assert status == 0
     assert report["dry_run"] is False
     assert report["tags"] == [
-        {"repository": "library/a", "tag": "1", "digest": a.digest}
+        {
+            "registry": "docker.io",
+            "repository": "library/a",
+            "tag": "1",
+            "digest": a.digest,
+        }
     ]
-    assert report["links"] == [{"repository": "library/a", "digest": a.digest}]
+    assert report["links"] == [
+        {"registry": "docker.io", "repository": "library/a", "digest": a.digest}
+    ]
     assert [m["digest"] for m in report["manifests"]] == [a.digest]
     gone = {a.config_digest, a.layers[0]}
     assert {blob["digest"] for blob in report["blobs"]} == gone
@@ -334,7 +341,12 @@ async def test_purge_tag_keeps_what_other_tags_of_the_repository_need(
     status, report = await cli_json(cli, "purge", "app:1", *args)
     assert status == 0
     assert report["tags"] == [
-        {"repository": "library/app", "tag": "1", "digest": one.digest}
+        {
+            "registry": "docker.io",
+            "repository": "library/app",
+            "tag": "1",
+            "digest": one.digest,
+        }
     ]
     assert report["links"] == report["manifests"] == report["blobs"] == []
     await mirror.settle()
@@ -392,7 +404,12 @@ async def test_purge_older_than_removes_what_was_not_used_since(
     status, report = await cli_json(cli, *args, "--dry-run")
     assert status == 0
     assert report["tags"] == [
-        {"repository": "library/old", "tag": "1", "digest": old.digest}
+        {
+            "registry": "docker.io",
+            "repository": "library/old",
+            "tag": "1",
+            "digest": old.digest,
+        }
     ]
 
     status, report = await cli_json(cli, *args)
@@ -450,7 +467,8 @@ async def test_purge_usage_errors_exit_2(make_mirror: MirrorFactory, cli: Cli) -
         ("purge", "--older-than", "30x", *args),
         ("purge", f"a@sha256:{'0' * 64}", *args),
         ("purge", "Bad/Name", *args),
-        ("purge", "quay.io/a/b", *args),
+        ("purge", "ghcr.io/", *args),
+        ("purge", "Ghcr.io/Owner/app", *args),
     ):
         status, _, err = await cli(*argv)
         assert status == 2, argv
@@ -742,3 +760,76 @@ async def test_warm_of_an_unreachable_mirror_fails(cli: Cli) -> None:
     status, out, _ = await cli("warm", "alpine", "--mirror", "http://127.0.0.1:9")
     assert status == 1
     assert out.startswith("FAILED  alpine: ClientConnectorError")
+
+
+# --- several registries ----------------------------------------------------------
+
+
+async def test_registry_qualified_warm_ls_purge_and_status(
+    make_mirror: MirrorFactory, cli: Cli
+) -> None:
+    hub, ghcr = FakeRegistry(), FakeRegistry()
+    on_hub = hub.push_image("team/app", "1", [layer(1)])
+    on_ghcr = ghcr.push_image("team/app", "1", [layer(2)])
+    mirror = await make_mirror(hub, registries={"ghcr.io": ghcr})
+    args = ("--cache-dir", cache_dir(mirror))
+
+    status, out, _ = await cli(
+        "warm", "ghcr.io/team/app:1", "team/app:1", "--mirror", mirror_url(mirror)
+    )
+    assert status == 0, out
+    assert out.splitlines()[0].startswith("ok      ghcr.io/team/app:1 ")
+    assert out.splitlines()[1].startswith("ok      team/app:1 ")
+    await mirror.settle()
+    assert files(mirror) == set(on_hub.blobs) | set(on_ghcr.blobs)
+    assert ghcr.count("blob") == len(on_ghcr.blobs)
+    assert hub.count("blob") == len(on_hub.blobs)
+
+    status, listing = await cli_json(cli, "ls", *args)
+    assert [(r["registry"], r["repository"]) for r in listing["repositories"]] == [
+        ("docker.io", "team/app"),
+        ("ghcr.io", "team/app"),
+    ]
+    status, out, _ = await cli("ls", *args)
+    names = [line.split()[0] for line in out.splitlines()[1:]]
+    assert names == ["team/app", "ghcr.io/team/app"]
+    status, listing = await cli_json(cli, "ls", "ghcr.io/team/app", *args)
+    assert listing["registry"] == "ghcr.io"
+    assert [t["digest"] for t in listing["tags"]] == [on_ghcr.digest]
+
+    status, report = await cli_json(cli, "status", *args)
+    assert status == 0
+    counts = {
+        r["registry"]: (r["repositories"], r["tags"]) for r in report["registries"]
+    }
+    assert counts == {"docker.io": (1, 1), "ghcr.io": (1, 1)}
+
+    status, report = await cli_json(cli, "purge", "ghcr.io/team/app", *args)
+    assert status == 0
+    assert report["tags"] == [
+        {
+            "registry": "ghcr.io",
+            "repository": "team/app",
+            "tag": "1",
+            "digest": on_ghcr.digest,
+        }
+    ]
+    await mirror.settle()
+    assert files(mirror) == set(on_hub.blobs)
+    assert rows(mirror, "SELECT registry, repository, tag FROM tags") == {
+        ("docker.io", "team/app", "1")
+    }
+    status, _, err = await cli("purge", "quay.io/team/app", *args)
+    assert status == 1
+    assert "not in the cache" in err
+
+
+async def test_warm_of_an_unconfigured_registry_reports_name_unknown(
+    make_mirror: MirrorFactory, cli: Cli
+) -> None:
+    mirror = await make_mirror(FakeRegistry())
+    status, out, _ = await cli(
+        "warm", "quay.io/org/app:1", "--mirror", mirror_url(mirror)
+    )
+    assert status == 1
+    assert "NAME_UNKNOWN" in out or "not mirrored" in out, out

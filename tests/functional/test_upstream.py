@@ -43,8 +43,16 @@ async def test_ratelimit_gauges_follow_upstream_headers(
     upstream.push_image("library/app", "1", [b"a" * 100])
     mirror = await make_mirror(upstream)
     assert (await mirror.client.get("/v2/library/app/manifests/1")).status == 200
-    assert await metric(mirror, "mirror_upstream_ratelimit_limit") == 100
-    assert await metric(mirror, "mirror_upstream_ratelimit_remaining") == 49
+    assert (
+        await metric(mirror, 'mirror_upstream_ratelimit_limit{registry="docker.io"}')
+        == 100
+    )
+    assert (
+        await metric(
+            mirror, 'mirror_upstream_ratelimit_remaining{registry="docker.io"}'
+        )
+        == 49
+    )
 
 
 async def test_many_clients_many_pulls_spend_one_counted_get_per_manifest(
@@ -90,7 +98,12 @@ async def test_rate_limited_upstream_gives_429_for_uncached_and_cache_for_cached
     assert resp.status == 200
     assert await resp.read() == body
     assert upstream.count("manifest", "GET") == gets
-    assert await metric(mirror, "mirror_upstream_ratelimit_remaining") == 0
+    assert (
+        await metric(
+            mirror, 'mirror_upstream_ratelimit_remaining{registry="docker.io"}'
+        )
+        == 0
+    )
 
 
 async def test_throttle_ends_after_retry_after(make_mirror: MirrorFactory) -> None:
@@ -143,7 +156,9 @@ async def test_rejected_credentials_are_loud_and_not_downgraded(
         r.headers.get("Authorization", "").startswith("Basic ")
         for r in upstream.requests("token")
     )
-    failures = 'mirror_upstream_auth_failures_total{reason="rejected"}'
+    failures = (
+        'mirror_upstream_auth_failures_total{reason="rejected",registry="docker.io"}'
+    )
     assert await metric(mirror, failures) == 1
     ready = await mirror.client.get("/readyz")
     assert ready.status == 503
@@ -185,7 +200,8 @@ async def test_credentials_never_go_to_a_realm_on_another_host(
     resp = await mirror.client.get("/v2/library/app/manifests/1")
     assert resp.status == 403
     assert upstream.count("token") == 0
-    untrusted = 'mirror_upstream_auth_failures_total{reason="untrusted_realm"}'
+    labels = 'reason="untrusted_realm",registry="docker.io"'
+    untrusted = f"mirror_upstream_auth_failures_total{{{labels}}}"
     assert await metric(mirror, untrusted) == 1
 
 
@@ -215,12 +231,12 @@ async def test_upstream_down_fails_fast_then_recovers(
     resp = await mirror.client.get("/v2/library/app/manifests/1")
     assert resp.status == 503
     assert len(upstream.log) == seen  # failed fast, upstream not asked
-    assert await metric(mirror, "mirror_upstream_up") == 0
+    assert await metric(mirror, 'mirror_upstream_up{registry="docker.io"}') == 0
     mirror.clock.advance(11)
     resp = await mirror.client.get("/v2/library/app/manifests/1")
     assert resp.status == 200
     assert await resp.read() == image.manifest
-    assert await metric(mirror, "mirror_upstream_up") == 1
+    assert await metric(mirror, 'mirror_upstream_up{registry="docker.io"}') == 1
 
 
 async def test_stale_tag_served_only_within_max_stale(
@@ -274,7 +290,7 @@ async def test_cut_blob_is_resumed_with_range(make_mirror: MirrorFactory) -> Non
     assert "Range" not in gets[0].headers
     assert gets[1].headers["Range"].startswith("bytes=")
     assert int(gets[1].headers["Range"][6:-1]) > 0
-    assert await metric(mirror, "mirror_blob_resumes_total") == 1
+    assert await metric(mirror, 'mirror_blob_resumes_total{registry="docker.io"}') == 1
     await mirror.settle()
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     assert resp.headers["X-Mirror-Cache"] == "hit"

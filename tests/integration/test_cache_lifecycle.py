@@ -434,7 +434,12 @@ async def test_full_disk_serves_every_attached_client_whole(
     )
     assert (
         await metric(
-            http, mirror, "mirror_cache_requests_total", kind="blob", result="joined"
+            http,
+            mirror,
+            "mirror_cache_requests_total",
+            registry="docker.io",
+            kind="blob",
+            result="joined",
         )
         == 1
     )

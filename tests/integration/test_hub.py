@@ -375,7 +375,15 @@ async def test_pulls_as_the_configured_account_and_reports_a_wrong_password(
     assert all(" ERROR " in line for line in errors), errors
     assert username not in wrong.mirror.log_text()  # no account name in logs
     metrics = await scrape(http, wrong.mirror)
-    assert value(metrics, "mirror_upstream_auth_failures_total", reason="rejected") > 0
+    assert (
+        value(
+            metrics,
+            "mirror_upstream_auth_failures_total",
+            registry="docker.io",
+            reason="rejected",
+        )
+        > 0
+    )
 
     tokens, mark = token_server.mark(), right.edge.mark()
     await pull(right, published)
@@ -440,8 +448,11 @@ async def test_ratelimit_gauges_match_the_last_headers(
     assert len(log.pulls) == 2, log.describe()
     assert hub.edge.last_ratelimit == (40, 21)
     metrics = await scrape(http, hub.mirror)
-    assert value(metrics, "mirror_upstream_ratelimit_limit") == 40
-    assert value(metrics, "mirror_upstream_ratelimit_remaining") == 21
+    assert value(metrics, "mirror_upstream_ratelimit_limit", registry="docker.io") == 40
+    assert (
+        value(metrics, "mirror_upstream_ratelimit_remaining", registry="docker.io")
+        == 21
+    )
 
 
 async def test_cached_image_pulls_while_rate_limited(
@@ -462,7 +473,9 @@ async def test_cached_image_pulls_while_rate_limited(
     assert log.manifests("HEAD"), f"the tag was not revalidated\n{log.describe()}"
     assert not log.manifests("GET"), f"a cached pull spent a pull\n{log.describe()}"
     metrics = await scrape(http, hub.mirror)
-    assert value(metrics, "mirror_upstream_ratelimit_remaining") == 0
+    assert (
+        value(metrics, "mirror_upstream_ratelimit_remaining", registry="docker.io") == 0
+    )
 
 
 async def test_uncached_image_while_rate_limited_gets_429(
@@ -521,7 +534,13 @@ async def test_cached_image_pulls_while_upstream_fails(
         assert response.headers.get("X-Mirror-Stale") == "1"
         assert response.headers["Docker-Content-Digest"] == published.digest
     metrics = await scrape(http, hub.mirror)
-    assert value(metrics, "mirror_cache_requests_total", kind="tag", result="stale")
+    assert value(
+        metrics,
+        "mirror_cache_requests_total",
+        registry="docker.io",
+        kind="tag",
+        result="stale",
+    )
 
     # Once upstream answers again (and down_backoff has passed), tags are
     # fresh again; polled, since a loaded machine can trip the short timeouts.
@@ -578,7 +597,9 @@ async def test_transient_failures_are_retried(
     assert [fault.applied for fault in faults] == [1, 1, 1]
     metrics = await scrape(http, hub.mirror)
     retried = {
-        kind: value(metrics, "mirror_upstream_retries_total", kind=kind)
+        kind: value(
+            metrics, "mirror_upstream_retries_total", registry="docker.io", kind=kind
+        )
         for kind in ("manifest", "manifest_head", "blob")
     }
     # One manifest request and two blob requests (5xx, stall) were asked again.
@@ -621,7 +642,15 @@ async def test_bad_blob_body_is_never_cached_nor_served_complete(
     )
     assert [r.note for r in fetches] == [action] * expected, fetches
     metrics = await scrape(http, hub.mirror)
-    assert value(metrics, "mirror_verification_failures_total", kind="blob") >= 2
+    assert (
+        value(
+            metrics,
+            "mirror_verification_failures_total",
+            registry="docker.io",
+            kind="blob",
+        )
+        >= 2
+    )
 
     hub.edge.clear()
     await pull(hub, published)
@@ -650,7 +679,7 @@ async def test_cut_blob_is_resumed_with_a_range_request(
     assert 0 < resumed_at <= 300_000, described
     assert fetches[1].status == 206, described
     metrics = await scrape(http, hub.mirror)
-    assert value(metrics, "mirror_blob_resumes_total") >= 1
+    assert value(metrics, "mirror_blob_resumes_total", registry="docker.io") >= 1
     assert cached_blob_exists(hub.mirror, layer.digest)
 
 

@@ -101,7 +101,13 @@ async def test_dead_upstream_serves_cached_content(
 
     async with http.get(f"{mirror.url}/metrics") as response:
         metrics = samples(await response.text())
-    assert value(metrics, "mirror_cache_requests_total", kind="tag", result="stale")
+    assert value(
+        metrics,
+        "mirror_cache_requests_total",
+        registry="docker.io",
+        kind="tag",
+        result="stale",
+    )
 
     # Content the mirror never saw cannot be served; it must say so quickly.
     url = f"{mirror.url}/v2/library/never-cached/manifests/1"
@@ -133,11 +139,25 @@ async def test_metrics_count_misses_then_hits(
         assert response.content_type == "text/plain"
         metrics = samples(await response.text())
     assert value(
-        metrics, "mirror_cache_requests_total", kind="blob", result="miss"
+        metrics,
+        "mirror_cache_requests_total",
+        registry="docker.io",
+        kind="blob",
+        result="miss",
     ) == (blobs)
     # The second pull found each blob cached, or (if it came within the
     # moment between a blob's last byte and its commit) joined its download.
     second_pull = value(
-        metrics, "mirror_cache_requests_total", kind="blob", result="hit"
-    ) + value(metrics, "mirror_cache_requests_total", kind="blob", result="joined")
+        metrics,
+        "mirror_cache_requests_total",
+        registry="docker.io",
+        kind="blob",
+        result="hit",
+    ) + value(
+        metrics,
+        "mirror_cache_requests_total",
+        registry="docker.io",
+        kind="blob",
+        result="joined",
+    )
     assert second_pull == blobs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.errors import UpstreamDenied, UpstreamUnavailable
-from mirror.metrics import Metrics
+from mirror.metrics import Metrics, UpstreamMetrics
 from mirror.upstream.auth import (
     DEFAULT_TOKEN_TTL,
     Challenge,
@@ -170,8 +171,19 @@ async def harness(aiohttp_server: ServerFactory) -> AsyncIterator[Harness]:
     clock = Clock()
     metrics = Metrics()
     async with aiohttp.ClientSession() as session:
+
+        def get(
+            url: str, params: dict[str, str], headers: dict[str, str]
+        ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+            return session.get(
+                url, params=params, headers=headers, allow_redirects=False
+            )
+
         auth = TokenAuth(
-            lambda: session, metrics, upstream_url=str(server.make_url("")), clock=clock
+            get,
+            UpstreamMetrics(metrics, "docker.io"),
+            upstream_url=str(server.make_url("")),
+            clock=clock,
         )
         yield Harness(service, auth, clock, metrics, str(server.make_url("/token")))
 
@@ -189,7 +201,8 @@ async def test_authenticate_fetches_and_caches(harness: Harness) -> None:
     assert await auth.authenticate(harness.challenge(), SCOPE) == "Bearer tok1"
     assert len(harness.service.requests) == 1
     value = harness.metrics.registry.get_sample_value(
-        "mirror_upstream_requests_total", {"kind": "token", "result": "200"}
+        "mirror_upstream_requests_total",
+        {"registry": "docker.io", "kind": "token", "result": "200"},
     )
     assert value == 1.0
 
@@ -278,7 +291,8 @@ async def test_unreachable_token_service_is_unavailable(harness: Harness) -> Non
     with pytest.raises(UpstreamUnavailable, match="unreachable"):
         await harness.auth.authenticate(challenge, SCOPE)
     value = harness.metrics.registry.get_sample_value(
-        "mirror_upstream_requests_total", {"kind": "token", "result": "error"}
+        "mirror_upstream_requests_total",
+        {"registry": "docker.io", "kind": "token", "result": "error"},
     )
     assert value == 1.0
 

@@ -9,11 +9,14 @@ import pytest
 
 from mirror.config import (
     DOCKER_HUB,
+    DOCKER_HUB_HOSTS,
+    DOCKER_IO,
     Address,
     CacheConfig,
     Config,
     ConfigError,
     LogConfig,
+    RegistryConfig,
     ServerConfig,
     UpstreamConfig,
     default_cache_dir,
@@ -23,7 +26,11 @@ from mirror.config import (
     parse_address,
     parse_bool,
     parse_duration,
+    parse_patterns,
+    parse_registry_host,
     parse_size,
+    registry_env_name,
+    registry_slug,
 )
 
 # An environment that pins the cache dir, so results do not depend on the euid.
@@ -272,10 +279,13 @@ def test_describe_covers_every_key() -> None:
     rows = describe()
     keys = {row[0] for row in rows}
     assert {"server.listen", "cache.tag_ttl", "upstream.url", "log.level"} <= keys
+    assert {"upstream.allow", "upstream.deny"} <= keys
     for key, env, _default, doc in rows:
+        assert doc
+        if key.startswith("registries."):
+            continue  # see test_describe_names_registry_keys_by_placeholder
         section, name = key.split(".")
         assert env == env_name(section, name)
-        assert doc
 
 
 # --- load_config: errors ----------------------------------------------------------
@@ -470,3 +480,713 @@ def test_bounds_have_busy_fleet_defaults() -> None:
     assert config.upstream.max_connections == 32
     assert config.upstream.max_body_size == 4 * 1024 * 1024
     assert config.upstream.ca_file is None
+
+
+# --- issue 9: several upstream registries -------------------------------------
+
+GHCR = 'registries."ghcr.io"'
+
+
+def registry(config: Config, host: str) -> RegistryConfig:
+    """The registry `host` of `config`, failing the test if it is absent."""
+    found = [r for r in config.registries if r.host == host]
+    assert len(found) == 1, [r.host for r in config.registries]
+    return found[0]
+
+
+def test_no_registries_by_default() -> None:
+    config = load_config(None, dict(PINNED))
+    assert config.registries == ()
+    assert config.registry_configs() == (
+        RegistryConfig(DOCKER_IO, config.upstream, 300.0, None),
+    )
+
+
+def test_docker_hub_hosts() -> None:
+    assert DOCKER_IO == "docker.io"
+    assert DOCKER_HUB_HOSTS == ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def test_empty_registry_table_is_all_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[registries."quay.io"]\n'), dict(PINNED))
+    assert config.registries == (
+        RegistryConfig("quay.io", UpstreamConfig(url="https://quay.io"), 300.0, None),
+    )
+
+
+def test_registry_table_keys_are_parsed(tmp_path: Path) -> None:
+    secret = tmp_path / "ghcr-token"
+    secret.write_text("  from-file\n")
+    path = write(
+        tmp_path,
+        f"""
+        [registries."ghcr.io"]
+        url = "https://ghcr.example/"
+        username = "bot"
+        password_file = "{secret}"
+        trusted_realms = ["Auth.Example"]
+        connect_timeout = "2s"
+        read_timeout = "1m"
+        first_byte_timeout = "3s"
+        retries = 5
+        retry_backoff = "1s"
+        retry_max_time = "1m"
+        down_backoff = "10s"
+        resume_attempts = 1
+        ratelimit_warn_below = 7
+        allow = ["myorg/**", "tools/?q"]
+        deny = ["myorg/secret"]
+        tag_ttl = "1h"
+        max_stale = "1d"
+        """,
+    )
+    ghcr = registry(load_config(path, dict(PINNED)), "ghcr.io")
+    assert ghcr == RegistryConfig(
+        "ghcr.io",
+        UpstreamConfig(
+            url="https://ghcr.example",
+            username="bot",
+            password="from-file",
+            password_file=secret,
+            trusted_realms=("auth.example",),
+            connect_timeout=2.0,
+            read_timeout=60.0,
+            first_byte_timeout=3.0,
+            retries=5,
+            retry_backoff=1.0,
+            retry_max_time=60.0,
+            down_backoff=10.0,
+            resume_attempts=1,
+            ratelimit_warn_below=7,
+            allow=("myorg/**", "tools/?q"),
+            deny=("myorg/secret",),
+        ),
+        3600.0,
+        86400.0,
+    )
+
+
+def test_registry_defaults_are_built_in_not_upstreams(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [upstream]
+        connect_timeout = "1s"
+        read_timeout = "5s"
+        retries = 9
+        down_backoff = "1m"
+        trusted_realms = ["auth.docker.io"]
+        allow = ["library/*"]
+        deny = ["library/evil"]
+
+        [registries."quay.io"]
+        """,
+    )
+    quay = registry(load_config(path, dict(PINNED)), "quay.io")
+    assert quay.upstream == UpstreamConfig(url="https://quay.io")
+
+
+def test_docker_hub_credentials_are_not_inherited(tmp_path: Path) -> None:
+    hub_secret = tmp_path / "hub-token"
+    hub_secret.write_text("hub-token\n")
+    path = write(
+        tmp_path,
+        f"""
+        [upstream]
+        username = "hub-user"
+        password_file = "{hub_secret}"
+
+        [registries."ghcr.io"]
+        """,
+    )
+    config = load_config(path, {**PINNED, "MIRROR_REGISTRIES": "quay.io"})
+    assert config.upstream.password == "hub-token"
+    for other in config.registries:
+        assert other.upstream.username == ""
+        assert other.upstream.password == ""
+        assert other.upstream.password_file is None
+
+
+def test_docker_hub_env_credentials_are_not_inherited() -> None:
+    env = {
+        **PINNED,
+        "MIRROR_UPSTREAM_USERNAME": "hub-user",
+        "MIRROR_UPSTREAM_PASSWORD": "hub-pass",
+        "MIRROR_REGISTRIES": "ghcr.io",
+    }
+    ghcr = registry(load_config(None, env), "ghcr.io")
+    assert (ghcr.upstream.username, ghcr.upstream.password) == ("", "")
+
+
+def test_registry_carries_the_process_wide_bounds(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [upstream]
+        max_downloads = 8
+        max_body_size = "1MiB"
+        [registries."ghcr.io"]
+        """,
+    )
+    env = {**PINNED, "MIRROR_UPSTREAM_MAX_CONNECTIONS": "5"}
+    ghcr = registry(load_config(path, env), "ghcr.io")
+    assert ghcr.upstream.max_downloads == 8
+    assert ghcr.upstream.max_connections == 5
+    assert ghcr.upstream.max_body_size == 1024**2
+
+
+def test_registry_tag_keys_default_to_cache_after_env(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [cache]
+        tag_ttl = "10m"
+        max_stale = "2h"
+        [registries."ghcr.io"]
+        [registries."quay.io"]
+        tag_ttl = "1m"
+        """,
+    )
+    config = load_config(path, {**PINNED, "MIRROR_CACHE_TAG_TTL": "30s"})
+    ghcr, quay = registry(config, "ghcr.io"), registry(config, "quay.io")
+    assert (ghcr.tag_ttl, ghcr.max_stale) == (30.0, 7200.0)
+    assert (quay.tag_ttl, quay.max_stale) == (60.0, 7200.0)
+
+
+def test_registry_max_stale_can_be_unlimited_under_a_bounded_cache(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        """
+        [cache]
+        max_stale = "1h"
+        [registries."ghcr.io"]
+        max_stale = "unlimited"
+        """,
+    )
+    assert registry(load_config(path, dict(PINNED)), "ghcr.io").max_stale is None
+
+
+def test_registry_environment_wins_over_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [registries."registry.corp:5000"]
+        url = "http://10.0.0.7:5000"
+        retries = 2
+        tag_ttl = "1h"
+        allow = ["team/*"]
+        """,
+    )
+    env = {
+        **PINNED,
+        "MIRROR_REGISTRY_REGISTRY_CORP_5000_RETRIES": "4",
+        "MIRROR_REGISTRY_REGISTRY_CORP_5000_TAG_TTL": "5s",
+        "MIRROR_REGISTRY_REGISTRY_CORP_5000_ALLOW": "team/**, ops/*",
+        "MIRROR_REGISTRY_REGISTRY_CORP_5000_MAX_STALE": "1d",
+    }
+    corp = registry(load_config(path, env), "registry.corp:5000")
+    assert corp.upstream.url == "http://10.0.0.7:5000"  # not overridden
+    assert corp.upstream.retries == 4
+    assert corp.upstream.allow == ("team/**", "ops/*")
+    assert (corp.tag_ttl, corp.max_stale) == (5.0, 86400.0)
+
+
+def test_registry_password_from_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    env = {
+        **PINNED,
+        "MIRROR_REGISTRIES": "ghcr.io",
+        "MIRROR_REGISTRY_GHCR_IO_USERNAME": "bot",
+        "MIRROR_REGISTRY_GHCR_IO_PASSWORD_FILE": str(secret),
+    }
+    ghcr = registry(load_config(None, env), "ghcr.io")
+    assert (ghcr.upstream.username, ghcr.upstream.password) == ("bot", "s3cret")
+
+
+def test_mirror_registries_adds_registries_with_defaults() -> None:
+    env = {**PINNED, "MIRROR_REGISTRIES": " quay.io , GHCR.io,,registry.k8s.io, "}
+    config = load_config(None, env)
+    assert [r.host for r in config.registries] == [
+        "ghcr.io",
+        "quay.io",
+        "registry.k8s.io",
+    ]
+    assert registry(config, "registry.k8s.io").upstream == UpstreamConfig(
+        url="https://registry.k8s.io"
+    )
+
+
+def test_mirror_registries_adds_to_the_files_tables(tmp_path: Path) -> None:
+    path = write(tmp_path, '[registries."ghcr.io"]\nretries = 7\n')
+    config = load_config(path, {**PINNED, "MIRROR_REGISTRIES": "ghcr.io,quay.io"})
+    assert [r.host for r in config.registries] == ["ghcr.io", "quay.io"]
+    assert registry(config, "ghcr.io").upstream.retries == 7  # one registry
+
+
+def test_empty_mirror_registries_adds_nothing() -> None:
+    assert load_config(None, {**PINNED, "MIRROR_REGISTRIES": ""}).registries == ()
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["MIRROR_REGISTRY_GHCR_IO_URL", "MIRROR_REGISTRY_GHCR_IO_TAG_TTL"],
+)
+def test_variable_of_an_undefined_registry_is_unknown(variable: str) -> None:
+    env = {**PINNED, "MIRROR_REGISTRIES": "quay.io", variable: "x"}
+    assert config_error(None, env) == f"unknown environment variable {variable}"
+
+
+def test_unknown_key_variable_of_a_defined_registry() -> None:
+    env = {**PINNED, "MIRROR_REGISTRIES": "ghcr.io", "MIRROR_REGISTRY_GHCR_IO_TTL": "1"}
+    message = config_error(None, env)
+    assert message == "unknown environment variable MIRROR_REGISTRY_GHCR_IO_TTL"
+
+
+@pytest.mark.parametrize(
+    ("host", "slug"),
+    [
+        ("ghcr.io", "GHCR_IO"),
+        ("registry.corp:5000", "REGISTRY_CORP_5000"),
+        ("registry.k8s.io", "REGISTRY_K8S_IO"),
+        ("my-registry.example", "MY_REGISTRY_EXAMPLE"),
+        ("[::1]:5000", "___1__5000"),
+    ],
+)
+def test_registry_slug(host: str, slug: str) -> None:
+    assert registry_slug(host) == slug
+
+
+def test_registry_env_name() -> None:
+    assert (
+        registry_env_name("ghcr.io", "password_file")
+        == "MIRROR_REGISTRY_GHCR_IO_PASSWORD_FILE"
+    )
+
+
+def test_hosts_sharing_a_slug_are_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, '[registries."a-b.io"]\n')
+    message = config_error(path, {**PINNED, "MIRROR_REGISTRIES": "a.b.io"})
+    assert '"a-b.io"' in message
+    assert '"a.b.io"' in message
+    assert "MIRROR_REGISTRY_A_B_IO_" in message
+
+
+@pytest.mark.parametrize("host", [*DOCKER_HUB_HOSTS, "Docker.IO"])
+def test_docker_hub_under_registries_points_to_upstream(
+    tmp_path: Path, host: str
+) -> None:
+    message = config_error(write(tmp_path, f'[registries."{host}"]\n'), dict(PINNED))
+    assert message.startswith(f'registries."{host}": ')
+    assert "[upstream]" in message
+
+
+def test_docker_hub_in_mirror_registries_points_to_upstream() -> None:
+    message = config_error(None, {**PINNED, "MIRROR_REGISTRIES": "ghcr.io,docker.io"})
+    assert message.startswith("MIRROR_REGISTRIES: ")
+    assert "[upstream]" in message
+
+
+@pytest.mark.parametrize("key", ["max_downloads", "max_connections", "max_body_size"])
+def test_process_wide_key_is_refused_per_registry(tmp_path: Path, key: str) -> None:
+    path = write(tmp_path, f'[registries."ghcr.io"]\n{key} = 4\n')
+    message = config_error(path, dict(PINNED))
+    assert message.startswith(f"{GHCR}.{key}: ")
+    assert "whole process" in message
+    assert "[upstream]" in message
+
+
+def test_process_wide_variable_is_refused_per_registry() -> None:
+    variable = "MIRROR_REGISTRY_GHCR_IO_MAX_DOWNLOADS"
+    env = {**PINNED, "MIRROR_REGISTRIES": "ghcr.io", variable: "4"}
+    message = config_error(None, env)
+    assert message.startswith(f"{variable}: ")
+    assert "[upstream]" in message
+
+
+def test_unknown_registry_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[registries."ghcr.io"]\nfoo = 1\n')
+    assert config_error(path, dict(PINNED)) == f"unknown key {GHCR}.foo"
+
+
+def test_unquoted_dotted_host_gets_a_hint(tmp_path: Path) -> None:
+    # TOML reads [registries.ghcr.io] as host "ghcr" with a table "io".
+    message = config_error(write(tmp_path, "[registries.ghcr.io]\n"), dict(PINNED))
+    assert message.startswith('unknown key registries."ghcr".io')
+    assert '[registries."ghcr.io"]' in message
+
+
+def test_registries_must_be_a_table(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, 'registries = "ghcr.io"\n'), dict(PINNED))
+    assert message == "[registries] must be a table"
+
+
+def test_registry_must_be_a_table(tmp_path: Path) -> None:
+    message = config_error(
+        write(tmp_path, '[registries]\n"ghcr.io" = "yes"\n'), dict(PINNED)
+    )
+    assert message == f"{GHCR} must be a table"
+
+
+def test_two_tables_for_one_host_are_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, '[registries."ghcr.io"]\n[registries."GHCR.io"]\n')
+    message = config_error(path, dict(PINNED))
+    assert '"ghcr.io"' in message
+    assert '"GHCR.io"' in message
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('tag_ttl = "soon"', "tag_ttl"),
+        ("max_stale = 5", "max_stale"),
+        ('url = "ftp://ghcr.io"', "url"),
+        ("retries = -1", "retries"),
+        ('allow = ["Upper/case"]', "allow"),
+        ('deny = ["myorg/*", 3]', "deny"),
+        ("trusted_realms = 3", "trusted_realms"),
+    ],
+)
+def test_bad_registry_value_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    message = config_error(
+        write(tmp_path, f'[registries."ghcr.io"]\n{toml}\n'), dict(PINNED)
+    )
+    assert message.startswith(f"{GHCR}.{key}: ")
+
+
+def test_bad_registry_env_value_names_the_key() -> None:
+    env = {
+        **PINNED,
+        "MIRROR_REGISTRIES": "ghcr.io",
+        "MIRROR_REGISTRY_GHCR_IO_READ_TIMEOUT": "slow",
+    }
+    assert config_error(None, env).startswith(f"{GHCR}.read_timeout: ")
+
+
+def test_registry_url_defaults_to_https_host(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[registries."registry.corp:5000"]\n[registries."[fd00::7]:5000"]\n',
+    )
+    config = load_config(path, dict(PINNED))
+    urls = {r.host: r.upstream.url for r in config.registries}
+    assert urls == {
+        "registry.corp:5000": "https://registry.corp:5000",
+        "[fd00::7]:5000": "https://[fd00::7]:5000",
+    }
+
+
+def test_userinfo_in_registry_url_names_the_registry_keys() -> None:
+    env = {
+        **PINNED,
+        "MIRROR_REGISTRIES": "ghcr.io",
+        "MIRROR_REGISTRY_GHCR_IO_URL": "https://bot:s3cret@ghcr.io",
+    }
+    message = config_error(None, env)
+    assert message.startswith(f"{GHCR}.url: ")
+    assert f"{GHCR}.username" in message
+    assert f"{GHCR}.password" in message
+    assert "upstream." not in message
+    assert "s3cret" not in message
+
+
+def test_registry_password_and_password_file_conflict(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("t\n")
+    path = write(
+        tmp_path,
+        f"""
+        [registries."ghcr.io"]
+        username = "bot"
+        password = "p"
+        password_file = "{secret}"
+        """,
+    )
+    message = config_error(path, dict(PINNED))
+    assert message.startswith(f"{GHCR}.password_file: ")
+
+
+def test_registry_password_file_must_be_readable(tmp_path: Path) -> None:
+    missing = tmp_path / "absent"
+    path = write(
+        tmp_path,
+        f'[registries."ghcr.io"]\nusername = "bot"\npassword_file = "{missing}"\n',
+    )
+    message = config_error(path, dict(PINNED))
+    assert message.startswith(f"{GHCR}.password_file: cannot read")
+
+
+@pytest.mark.parametrize(
+    ("toml", "prefix"),
+    [
+        ('username = "bot"', f"{GHCR}.username: "),
+        ('password = "p"', f"{GHCR}.password: set {GHCR}.username too"),
+    ],
+)
+def test_registry_username_and_password_go_together(
+    tmp_path: Path, toml: str, prefix: str
+) -> None:
+    message = config_error(
+        write(tmp_path, f'[registries."ghcr.io"]\n{toml}\n'), dict(PINNED)
+    )
+    assert message.startswith(prefix)
+
+
+def test_registry_ca_file_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    path = write(tmp_path, f'[registries."ghcr.io"]\nca_file = "{missing}"\n')
+    message = config_error(path, dict(PINNED))
+    assert message.startswith(f"{GHCR}.ca_file: cannot read {missing}")
+
+
+def test_registry_ca_file_must_hold_certificates(tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    env = {
+        **PINNED,
+        "MIRROR_REGISTRIES": "registry.corp:5000",
+        "MIRROR_REGISTRY_REGISTRY_CORP_5000_CA_FILE": str(garbage),
+    }
+    message = config_error(None, env)
+    assert message.startswith(f'registries."registry.corp:5000".ca_file: {garbage}: ')
+    assert "not a PEM CA bundle" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("ghcr.io", "ghcr.io"),
+        ("Ghcr.IO", "ghcr.io"),
+        ("registry.corp:5000", "registry.corp:5000"),
+        ("localhost", "localhost"),
+        ("localhost:5000", "localhost:5000"),
+        ("a-b.io", "a-b.io"),
+        ("host:1", "host:1"),
+        ("host:65535", "host:65535"),
+        ("10.0.0.7:5000", "10.0.0.7:5000"),
+        ("[::1]", "[::1]"),
+        ("[FD00::7]:5000", "[fd00::7]:5000"),
+    ],
+)
+def test_parse_registry_host_accepts(value: str, expected: str) -> None:
+    assert parse_registry_host(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "bad_host",
+        "a..b",
+        "host:0",
+        "host:99999",
+        "host:65536",
+        "host/path",
+        "",
+        ".io",
+        "ghcr.io.",
+        "-ghcr.io",
+        "ghcr-.io",
+        "host:",
+        "host:+80",
+        "host:05000",
+        "::1",
+        "[::1",
+        "[zz::1]",
+        "[::1]:0",
+        "999.0.0.1",
+        " ghcr.io",
+        "https://ghcr.io",
+        5000,
+        None,
+    ],
+)
+def test_parse_registry_host_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="is not a registry host"):
+        parse_registry_host(value)
+
+
+def test_registry_host_is_lower_cased(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[registries."Ghcr.IO"]\n'), dict(PINNED))
+    assert [(r.host, r.upstream.url) for r in config.registries] == [
+        ("ghcr.io", "https://ghcr.io")
+    ]
+
+
+@pytest.mark.parametrize("host", ["bad_host", "a..b", "host:0", "host:99999"])
+def test_bad_registry_host_in_file(tmp_path: Path, host: str) -> None:
+    message = config_error(write(tmp_path, f'[registries."{host}"]\n'), dict(PINNED))
+    assert message.startswith(f'registries."{host}": ')
+
+
+def test_bad_registry_host_in_file_with_a_slash(tmp_path: Path) -> None:
+    path = write(tmp_path, '[registries."host/path"]\n')
+    assert config_error(path, dict(PINNED)).startswith('registries."host/path": ')
+
+
+def test_bad_registry_host_in_mirror_registries() -> None:
+    message = config_error(None, {**PINNED, "MIRROR_REGISTRIES": "ghcr.io,bad_host"})
+    assert message.startswith("MIRROR_REGISTRIES: ")
+    assert "bad_host" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["library/*", "myorg/**"], ("library/*", "myorg/**")),
+        ("library/*,myorg/**", ("library/*", "myorg/**")),
+        (" library/* , myorg/** ,", ("library/*", "myorg/**")),
+        ("", ()),
+        ([], ()),
+        (["**"], ("**",)),
+        (["alpine"], ("alpine",)),  # namespaces are docker.io's rule, not this
+        (
+            ["my_org/app.v2-x", "tools/?q", "a/**/b"],
+            ("my_org/app.v2-x", "tools/?q", "a/**/b"),
+        ),
+    ],
+)
+def test_parse_patterns_accepts(value: object, expected: tuple[str, ...]) -> None:
+    assert parse_patterns(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [""],
+        ["library/*", ""],
+        ["Library/alpine"],
+        ["library/alp ine"],
+        ["library/[ab]"],
+        ["library/alpine:3"],
+        ["a/***"],
+        ["/library/alpine"],
+        ["library/"],
+        ["library//alpine"],
+        "library/*,MyOrg/*",
+        [1],
+        5,
+        None,
+        True,
+    ],
+)
+def test_parse_patterns_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match="pattern"):
+        parse_patterns(value)
+
+
+def test_upstream_allow_and_deny(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[upstream]\nallow = ["library/*", "myorg/**"]\ndeny = ["myorg/x"]\n',
+    )
+    config = load_config(path, dict(PINNED))
+    assert config.upstream.allow == ("library/*", "myorg/**")
+    assert config.upstream.deny == ("myorg/x",)
+    assert load_config(None, dict(PINNED)).upstream.allow == ()
+    assert load_config(None, dict(PINNED)).upstream.deny == ()
+
+
+def test_upstream_allow_from_environment_wins(tmp_path: Path) -> None:
+    path = write(tmp_path, '[upstream]\nallow = ["library/*"]\n')
+    env = {**PINNED, "MIRROR_UPSTREAM_ALLOW": "library/*,myorg/**"}
+    assert load_config(path, env).upstream.allow == ("library/*", "myorg/**")
+
+
+def test_bad_upstream_pattern_names_the_key() -> None:
+    message = config_error(None, {**PINNED, "MIRROR_UPSTREAM_DENY": "my org/*"})
+    assert message.startswith("upstream.deny: ")
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern"),
+    [("allow", "alpine"), ("deny", "alpine"), ("allow", "*"), ("deny", "alp?ne")],
+)
+def test_docker_io_pattern_needs_a_namespace(
+    tmp_path: Path, key: str, pattern: str
+) -> None:
+    path = write(tmp_path, f'[upstream]\n{key} = ["library/*", "{pattern}"]\n')
+    message = config_error(path, dict(PINNED))
+    assert message.startswith(f"upstream.{key}: ")
+    assert f"write library/{pattern}, not {pattern}" in message
+
+
+def test_docker_io_pattern_rule_applies_to_environment() -> None:
+    message = config_error(None, {**PINNED, "MIRROR_UPSTREAM_ALLOW": "alpine"})
+    assert message.startswith("upstream.allow: ")
+    assert "namespace" in message
+
+
+def test_docker_io_double_star_alone_is_fine() -> None:
+    config = load_config(None, {**PINNED, "MIRROR_UPSTREAM_ALLOW": "**"})
+    assert config.upstream.allow == ("**",)
+
+
+def test_namespace_rule_is_docker_io_only(tmp_path: Path) -> None:
+    path = write(tmp_path, '[registries."registry.corp:5000"]\nallow = ["app", "*"]\n')
+    corp = registry(load_config(path, dict(PINNED)), "registry.corp:5000")
+    assert corp.upstream.allow == ("app", "*")
+
+
+def test_registry_configs_order_and_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [upstream]
+        retries = 2
+        [cache]
+        tag_ttl = "2m"
+        max_stale = "1h"
+        [registries."registry.corp:5000"]
+        [registries."quay.io"]
+        tag_ttl = "9m"
+        """,
+    )
+    config = load_config(path, {**PINNED, "MIRROR_REGISTRIES": "ghcr.io"})
+    assert [r.host for r in config.registries] == [
+        "ghcr.io",
+        "quay.io",
+        "registry.corp:5000",
+    ]
+    first, *rest = config.registry_configs()
+    assert first == RegistryConfig("docker.io", config.upstream, 120.0, 3600.0)
+    assert first.upstream.retries == 2
+    assert tuple(rest) == config.registries
+    assert registry(config, "quay.io").tag_ttl == 540.0
+
+
+def test_registry_config_is_frozen() -> None:
+    config = load_config(None, {**PINNED, "MIRROR_REGISTRIES": "ghcr.io"})
+    with pytest.raises(AttributeError):
+        config.registries[0].tag_ttl = 1.0  # type: ignore[misc]
+
+
+def test_kubernetes_variables_still_exempt_with_registries() -> None:
+    env = {
+        **PINNED,
+        "MIRROR_REGISTRIES": "ghcr.io",
+        "MIRROR_SERVICE_HOST": "10.0.0.7",
+        "MIRROR_PORT_5000_TCP_ADDR": "10.0.0.7",
+    }
+    assert load_config(None, env).registries[0].host == "ghcr.io"
+
+
+def test_describe_names_registry_keys_by_placeholder() -> None:
+    rows = {key: (env, default) for key, env, default, _doc in describe()}
+    assert rows['registries."<host>"'][0] == "MIRROR_REGISTRIES"
+    assert rows['registries."<host>".url'] == (
+        "MIRROR_REGISTRY_<SLUG>_URL",
+        "https://<host>",
+    )
+    assert rows['registries."<host>".password_file'][0] == (
+        "MIRROR_REGISTRY_<SLUG>_PASSWORD_FILE"
+    )
+    assert rows['registries."<host>".tag_ttl'] == (
+        "MIRROR_REGISTRY_<SLUG>_TAG_TTL",
+        "[cache]'s",
+    )
+    assert rows['registries."<host>".max_stale'][1] == "[cache]'s"
+    assert rows['registries."<host>".allow'][0] == "MIRROR_REGISTRY_<SLUG>_ALLOW"
+    for key in ("max_downloads", "max_connections", "max_body_size", "dir"):
+        assert f'registries."<host>".{key}' not in rows

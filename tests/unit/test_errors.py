@@ -32,6 +32,8 @@ CASES: list[tuple[errors.MirrorError, str, int]] = [
     (errors.DigestInvalid("invalid digest"), "DIGEST_INVALID", 400),
     (errors.RangeNotSatisfiable(10), "RANGE_INVALID", 416),
     (errors.Unsupported("read-only"), "UNSUPPORTED", 405),
+    (errors.RepositoryDenied("not served"), "DENIED", 403),
+    (errors.ReferrersUnknown(DIGEST), "NOT_FOUND", 404),
     (errors.Overloaded("out of file descriptors"), "UNAVAILABLE", 503),
     (errors.UpstreamRateLimited("slow down", 3.0), "TOOMANYREQUESTS", 429),
     (errors.UpstreamDenied("denied"), "DENIED", 403),
