@@ -30,7 +30,7 @@ from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.integrity import reconcile
 from mirror.cache.metadata import DATABASE_NAME, MetadataStore
 from mirror.config import Config, RegistryConfig
-from mirror.metrics import Metrics, UpstreamMetrics
+from mirror.metrics import Metrics, RegistryMetrics
 from mirror.proxy import PullThroughCache
 from mirror.registry import Registries, Registry
 from mirror.upstream.client import UpstreamClient, UpstreamPools
@@ -81,7 +81,7 @@ def create_app(
     clients: dict[str, UpstreamClient] = {}
     registries = []
     for settings in config.registry_configs():
-        bound = UpstreamMetrics(metrics, settings.host)
+        bound = RegistryMetrics(metrics, settings.host)
         client = UpstreamClient(settings.upstream, bound, pools, clock=monotonic)
         clients[settings.host] = client
         registries.append(Registry(settings, client, bound))

@@ -148,7 +148,7 @@ class Metrics:
             "mirror_upstream_invalid_responses",
             "Upstream responses refused because of what they carried, by "
             "reason (media_type, encoding, too_large, manifest, token, "
-            "token_realm).",
+            "token_realm, redirect).",
             ["registry", "reason"],
             registry=r,
         )
@@ -176,6 +176,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.repository_denials = Counter(
+            "mirror_repository_denials",
+            "Requests refused with 403 DENIED by a registry's allow/deny rules.",
+            ["registry"],
+            registry=r,
+        )
         self.http_send_timeouts = Counter(
             "mirror_http_send_timeouts",
             "Responses abandoned because the client accepted no bytes for "
@@ -196,9 +202,10 @@ class _Bound(Generic[_Collector]):
         return child
 
 
-class UpstreamMetrics:
-    """The upstream collectors of one registry, its `registry` label bound:
-    what an UpstreamClient, its TokenAuth, RateLimit and downloads count."""
+class RegistryMetrics:
+    """The collectors of one registry, its `registry` label bound: what an
+    UpstreamClient, its TokenAuth, RateLimit, its downloads and the cache's
+    lookups through it count."""
 
     def __init__(self, metrics: Metrics, registry: str) -> None:
         self.registry = registry
@@ -214,4 +221,5 @@ class UpstreamMetrics:
         self.ratelimit_limit = _Bound(metrics.ratelimit_limit, registry)
         self.ratelimit_remaining = _Bound(metrics.ratelimit_remaining, registry)
         self.up = metrics.upstream_up.labels(registry)
+        self.denials = metrics.repository_denials.labels(registry)
         self.blob_resumes = metrics.blob_resumes.labels(registry)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from mirror.config import DOCKER_HUB_HOSTS, DOCKER_IO, RegistryConfig
 from mirror.errors import RepositoryDenied
-from mirror.metrics import UpstreamMetrics
+from mirror.metrics import RegistryMetrics
 from mirror.reference import parse_name
 from mirror.upstream.client import (
     BlobResponse,
@@ -91,7 +91,7 @@ class Registry:
         self,
         config: RegistryConfig,
         upstream: Upstream,
-        metrics: UpstreamMetrics,
+        metrics: RegistryMetrics,
     ) -> None:
         self.name = config.host
         self.upstream = upstream
@@ -114,6 +114,7 @@ class Registry:
         """
         repository = parse_name(name, official=self._official)
         if not self.policy.permits(repository):
+            self.metrics.denials.inc()
             raise RepositoryDenied(
                 "this mirror does not serve that repository",
                 {"registry": self.name, "repository": repository},

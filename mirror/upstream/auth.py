@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
-from cachetools import TLRUCache
+from cachetools import LRUCache, TLRUCache
 
 from mirror.errors import UpstreamDenied, UpstreamUnavailable
-from mirror.metrics import UpstreamMetrics
+from mirror.metrics import RegistryMetrics
 from mirror.singleflight import SingleFlight
 from mirror.upstream.body import read_bounded
 from mirror.values import loads_json
@@ -51,6 +51,8 @@ MAX_TOKEN_TTL = 86400.0
 MAX_TOKEN_BODY = 1024 * 1024
 # After upstream rejected the credentials, token fetches wait this long.
 REJECTED_BACKOFF = 30.0
+# Origins (a registry and those it redirects to) whose challenges are kept.
+_ORIGINS = 64
 _PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 
 
@@ -60,6 +62,7 @@ class Challenge:
     realm: str
     service: str
     error: str | None = None
+    scope: str | None = None  # what the registry says the token must grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +89,11 @@ def parse_challenge(header: str) -> Challenge | None:
     if scheme not in {"bearer", "basic"}:
         return None
     return Challenge(
-        scheme, params.get("realm", ""), params.get("service", ""), params.get("error")
+        scheme,
+        params.get("realm", ""),
+        params.get("service", ""),
+        params.get("error"),
+        params.get("scope"),
     )
 
 
@@ -143,7 +150,7 @@ def realm_trusted(realm: str, upstream_url: str, trusted: tuple[str, ...]) -> bo
 # GET url with params and headers: the token request, as the registry's client
 # sends it (its session, its TLS trust, no redirects).
 TokenGet = Callable[
-    [str, dict[str, str], dict[str, str]],
+    [str, list[tuple[str, str]], dict[str, str]],
     AbstractAsyncContextManager[aiohttp.ClientResponse],
 ]
 
@@ -154,7 +161,7 @@ class TokenAuth:
     def __init__(
         self,
         get: TokenGet,
-        metrics: UpstreamMetrics,
+        metrics: RegistryMetrics,
         *,
         upstream_url: str,
         credentials: Credentials | None = None,
@@ -173,7 +180,11 @@ class TokenAuth:
             maxsize=4096, ttu=lambda _k, tok, _now: tok.expires_at, timer=clock
         )
         self._fetches: SingleFlight[tuple[str, str, str], _Token] = SingleFlight()
-        self._challenge: Challenge | None = None
+        # The last challenge of each origin (scheme://host:port): a registry
+        # may redirect to another that authenticates on its own (as
+        # registry.k8s.io does), and a token is only ever sent to the origin
+        # whose challenge it answers.
+        self._challenges: LRUCache[str, Challenge] = LRUCache(maxsize=_ORIGINS)
         # Set when upstream rejected our credentials; cleared by a success.
         self.credentials_rejected = False
         self._rejected_until = 0.0
@@ -184,9 +195,10 @@ class TokenAuth:
         has no place on /readyz or in logs."""
         return "authenticated" if self._credentials else "anonymous"
 
-    def header_for(self, scope: str) -> str | None:
-        """The Authorization header to send up front for `scope`, if known."""
-        challenge = self._challenge
+    def header_for(self, origin: str, scope: str) -> str | None:
+        """The Authorization header to send up front to `origin` for `scope`,
+        if known."""
+        challenge = self._challenges.get(origin)
         if challenge is None:
             return None
         if challenge.scheme == "basic":
@@ -194,7 +206,7 @@ class TokenAuth:
         token = self._tokens.get((challenge.realm, challenge.service, scope))
         return token.header if token else None
 
-    async def authenticate(self, www_authenticate: str, scope: str) -> str:
+    async def authenticate(self, origin: str, www_authenticate: str, scope: str) -> str:
         """Answer a 401 challenge: the Authorization header to retry with.
 
         Raises UpstreamDenied if the challenge cannot be answered (or our
@@ -210,7 +222,7 @@ class TokenAuth:
         if challenge.scheme == "bearer" and realm and not valid_realm(realm):
             self._metrics.invalid.labels("token_realm").inc()
             raise UpstreamUnavailable("upstream token realm is not a valid URL")
-        self._challenge = challenge
+        self._challenges[origin] = challenge
         if challenge.scheme == "basic":
             if self._credentials is None:
                 raise UpstreamDenied("upstream wants credentials; none configured")
@@ -249,9 +261,14 @@ class TokenAuth:
                     {"realm_host": urlsplit(challenge.realm).hostname},
                 )
             headers["Authorization"] = self._credentials.basic()
-        params = {"scope": scope}
+        # The scope a request is for, and the one the challenge names if it
+        # differs (a registry redirected to may name the repository its own
+        # way), as containerd asks.
+        params = [("scope", scope)]
+        if challenge.scope and challenge.scope != scope:
+            params.append(("scope", challenge.scope))
         if challenge.service:
-            params["service"] = challenge.service
+            params.append(("service", challenge.service))
         try:
             async with self._get(challenge.realm, params, headers) as resp:
                 self._metrics.requests.labels("token", str(resp.status)).inc()

@@ -35,9 +35,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from mirror.config import UpstreamConfig, small_blob_slots
 from mirror.errors import (
@@ -51,7 +53,7 @@ from mirror.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from mirror.metrics import UpstreamMetrics
+from mirror.metrics import RegistryMetrics
 from mirror.upstream.auth import Credentials, TokenAuth
 from mirror.upstream.body import read_bounded
 from mirror.upstream.ratelimit import MAX_THROTTLE, RateLimit
@@ -71,6 +73,9 @@ MANIFEST_MEDIA_TYPES = (
 MANIFEST_ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 OCI_INDEX = MANIFEST_MEDIA_TYPES[0]
 USER_AGENT = "mirror/0.1 (+pull-through cache)"
+# Redirects followed for one request (registry.k8s.io sends one, a CDN one).
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Parts of an error message that may carry secrets: a URL's query (CDN
 # signatures) and userinfo.
 _URL_SECRETS = re.compile(r"(https?://)[^/\s'\"@]*@|\?[^\s'\"]*")
@@ -175,7 +180,7 @@ class UpstreamClient:
     def __init__(
         self,
         config: UpstreamConfig,
-        metrics: UpstreamMetrics,
+        metrics: RegistryMetrics,
         pools: UpstreamPools,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -215,7 +220,7 @@ class UpstreamClient:
         return session
 
     def _token_get(
-        self, url: str, params: dict[str, str], headers: dict[str, str]
+        self, url: str, params: list[tuple[str, str]], headers: dict[str, str]
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """A GET to the token service, with this registry's TLS trust."""
         return self._get_session().get(
@@ -347,12 +352,16 @@ class UpstreamClient:
         *,
         blob: bool,
     ) -> aiohttp.ClientResponse:
-        """Send once, answering one auth challenge. See _request for errors."""
+        """Send once, following redirects (at most MAX_REDIRECTS) and
+        answering one auth challenge per origin. See _request for errors."""
         session = self._get_session(blob=blob)
         scope = f"repository:{repository}:pull"
-        send: CIMultiDict[str] = CIMultiDict(headers or {})
-        for attempt in (1, 2):
-            auth = self.auth.header_for(scope)
+        answered: set[str] = set()  # origins whose challenge was answered
+        redirects = 0
+        while True:
+            origin = _origin(url)
+            send: CIMultiDict[str] = CIMultiDict(headers or {})
+            auth = self.auth.header_for(origin, scope)
             if auth:
                 send["Authorization"] = auth
             try:
@@ -362,11 +371,10 @@ class UpstreamClient:
                         url,
                         headers=send,
                         params=params,
-                        allow_redirects=blob,
+                        allow_redirects=False,
                         ssl=self._ssl,
                     )
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                # ValueError: a redirect to a URL aiohttp cannot parse.
                 self._metrics.requests.labels(kind, "error").inc()
                 raise UpstreamUnavailable(
                     "upstream unreachable", {"error": describe_error(exc)}
@@ -374,9 +382,21 @@ class UpstreamClient:
             self._metrics.requests.labels(kind, str(resp.status)).inc()
             self.ratelimit.observe(resp.headers)
             challenge = resp.headers.get("WWW-Authenticate")
-            if resp.status == 401 and challenge and attempt == 1:
+            if resp.status == 401 and challenge and origin not in answered:
                 resp.release()
-                send["Authorization"] = await self.auth.authenticate(challenge, scope)
+                answered.add(origin)
+                await self.auth.authenticate(origin, challenge, scope)
+                continue
+            if resp.status in _REDIRECTS and "Location" in resp.headers:
+                resp.release()
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    self._invalid(
+                        "redirect",
+                        "upstream redirected too many times",
+                        {"limit": MAX_REDIRECTS},
+                    )
+                url, params = self._redirect(url, resp.headers["Location"], kind), None
                 continue
             if resp.status == 429:
                 resp.release()
@@ -396,7 +416,33 @@ class UpstreamClient:
                     resp.release()
                     raise
             return resp
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _redirect(self, current: str, location: str, kind: str) -> str:
+        """Where a redirect points, if it may be followed: an http(s) URL,
+        never from https down to http, and no further than MAX_REDIRECTS.
+
+        registry.k8s.io redirects every request to a regional registry, and
+        Docker Hub its blobs to a CDN; the redirect target is asked like any
+        upstream (manifests are verified against their digest all the same),
+        with no Authorization unless it challenges us itself.
+        Raises UpstreamUnavailable.
+        """
+        try:
+            target = str(URL(current).join(URL(location)))
+            parts = urlsplit(target)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            target, parts = "", urlsplit("")
+        downgrade = current.startswith("https:") and parts.scheme != "https"
+        if parts.scheme not in ("http", "https") or not parts.hostname or downgrade:
+            log.warning(
+                "upstream %s redirected a %s request to a URL not followed (%s)",
+                self.name,
+                kind,
+                "https to http" if downgrade and parts.hostname else "not http(s)",
+            )
+            self._invalid("redirect", "upstream redirected to a URL not followed")
+        return target
 
     async def head_manifest(self, repository: str, reference: str) -> ManifestInfo:
         """Raises ManifestUnknown, UpstreamError."""
@@ -615,6 +661,12 @@ class BodyCut(UpstreamUnavailable):
     """A response body broke off (reset, stalled past read_timeout)."""
 
 
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a URL: what a credential or challenge is for."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}".lower()
+
+
 def describe_error(exc: BaseException) -> str:
     """A one-line description of a network error, safe for logs and clients:
     URL queries (CDN signatures) and userinfo are cut out."""
@@ -653,7 +705,7 @@ def _check(resp: aiohttp.ClientResponse, not_found: Callable[[], MirrorError]) -
         raise not_found()
     if 300 <= status < 400:
         raise UpstreamUnavailable(
-            "upstream redirected a request that is not a blob download; not followed",
+            "upstream answered with a redirect that names no Location",
             {"status": status},
         )
     if status in (401, 403):

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mirror.metrics import UpstreamMetrics
+from mirror.metrics import RegistryMetrics
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class RateLimit:
 
     def __init__(
         self,
-        metrics: UpstreamMetrics,
+        metrics: RegistryMetrics,
         *,
         warn_below: int,
         clock: Callable[[], float] = time.monotonic,

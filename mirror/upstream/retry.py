@@ -23,7 +23,7 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from mirror.errors import UpstreamUnavailable
-from mirror.metrics import UpstreamMetrics
+from mirror.metrics import RegistryMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class RetryPolicy:
             multiplier=self.backoff, max=self.backoff * 16
         ) + wait_random(0, self.backoff)
 
-    def retrying(self, kind: str, metrics: UpstreamMetrics) -> AsyncRetrying:
+    def retrying(self, kind: str, metrics: RegistryMetrics) -> AsyncRetrying:
         def before_sleep(state: RetryCallState) -> None:
             metrics.retries.labels(kind).inc()
             outcome = state.outcome

@@ -107,6 +107,10 @@ class FakeRegistry:
     # Without the OCI 1.1 referrers API, GET .../referrers/ is a 404, as
     # distribution 2.8 answers.
     referrers_api: bool = True
+    # Like registry.k8s.io: every /v2/ request is answered 307 to this base
+    # URL, with `redirect_prefix` put in front of the repository.
+    redirect_to: str | None = None
+    redirect_prefix: str = ""
 
     def revoke_tokens(self) -> None:
         self.tokens_valid_from = self.tokens_issued + 1
@@ -251,6 +255,11 @@ class FakeRegistry:
                 request.query_string,
             )
         )
+        if self.redirect_to is not None and request.path.startswith("/v2/"):
+            rest = request.path_qs.removeprefix("/v2/")
+            prefix = self.redirect_prefix if rest else ""
+            location = f"{self.redirect_to}/v2/{prefix}{rest}"
+            return web.Response(status=307, headers={"Location": location})
         if self.stall is not None and request.path != "/token":
             await self.stall.wait()
         if self.fail_statuses and request.path != "/token":

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from mirror.upstream.client import MAX_REDIRECTS
 from tests import cache_check
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.hostile import (
@@ -589,22 +590,73 @@ def _tree_size(directory: Path) -> int:
         ("GET", "/v2/library/app/tags/list"),
     ],
 )
-async def test_redirect_for_manifest_or_tags_is_not_followed(
+async def test_redirect_for_manifest_or_tags_is_followed(
     make_mirror: MirrorFactory,
     aiohttp_server: ServerFactory,
     caplog: pytest.LogCaptureFixture,
     method: str,
     path: str,
 ) -> None:
+    """As registry.k8s.io sends every request to a regional registry."""
     elsewhere = FakeRegistry()
-    elsewhere.push_image("library/app", "1", [layer(1), layer(2)])
+    image = elsewhere.push_image("library/app", "1", [layer(1), layer(2)])
     server = await aiohttp_server(elsewhere.app())
     upstream, _ = hostile()
     upstream.misbehave = redirect(str(server.make_url(path)), "manifest", "tags")
     mirror = await make_mirror(upstream)
-    await envelope(await mirror.client.request(method, path), 503, "UNAVAILABLE")
-    assert elsewhere.log == []
+    resp = await mirror.client.request(method, path)
+    assert resp.status == 200
+    if "manifests" in path:
+        assert resp.headers["Docker-Content-Digest"] == image.digest
+    if method == "GET" and "manifests" in path:
+        assert await resp.read() == image.manifest
+    assert [r.path for r in elsewhere.log] == [path]
+    await assert_sound(mirror, caplog)
+
+
+async def test_a_redirect_to_other_bytes_for_a_digest_is_refused_and_not_cached(
+    make_mirror: MirrorFactory,
+    aiohttp_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    elsewhere = FakeRegistry()
+    other = elsewhere.push_image("library/app", "1", [layer(9)])
+    server = await aiohttp_server(elsewhere.app())
+    upstream, image = hostile()
+    location = str(server.make_url(f"/v2/library/app/manifests/{other.digest}"))
+    upstream.misbehave = redirect(location, "manifest")
+    mirror = await make_mirror(upstream)
+    resp = await mirror.client.get(f"/v2/library/app/manifests/{image.digest}")
+    await envelope(resp, 503, "UNAVAILABLE")
     assert stored(mirror).empty
+    await assert_sound(mirror, caplog)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "ftp://127.0.0.1/v2/library/app/manifests/1",
+        "javascript:alert(1)",
+        "http://[::1",
+        "/v2/library/app/manifests/1",  # itself, again and again
+    ],
+    ids=["ftp", "javascript", "bad-url", "loop"],
+)
+async def test_redirects_that_loop_or_leave_http_are_refused(
+    make_mirror: MirrorFactory, caplog: pytest.LogCaptureFixture, location: str
+) -> None:
+    upstream, image = hostile()
+    upstream.misbehave = redirect(location, "manifest", "blob")
+    mirror = await make_mirror(upstream)
+    blob = f"/v2/library/app/blobs/{image.layers[0]}"
+    for path in ("/v2/library/app/manifests/1", blob):
+        await envelope(await mirror.client.get(path), 503, "UNAVAILABLE")
+    values = await samples(mirror)
+    refused = 'mirror_upstream_invalid_responses_total{reason="redirect",'
+    assert values[refused + 'registry="docker.io"}'] >= 1
+    # Bounded: a loop ends after MAX_REDIRECTS hops (per attempt).
+    retries = mirror.config.upstream.retries
+    assert upstream.count() <= 2 * retries * (MAX_REDIRECTS + 1)
     await assert_sound(mirror, caplog)
 
 

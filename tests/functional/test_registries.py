@@ -7,16 +7,20 @@ import asyncio
 import dataclasses
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from mirror.app import RELOAD
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import FakeRegistry
+from tests.fakes.tls import TlsFiles
 from tests.promtext import parse_samples
 
+ServerFactory = Callable[..., Awaitable[TestServer]]
 GHCR, QUAY = "ghcr.io", "quay.io"
 GHCR_APP = "/v2/ghcr.io/owner/app/manifests/1"
 QUAY_APP = "/v2/quay.io/org/app/manifests/1"
@@ -472,6 +476,10 @@ async def test_a_denied_repository_is_403_denied_without_asking_upstream(
     assert v2_paths(quay) == []
     assert v2_paths(mirror.upstream) == []
     assert v2_paths(ghcr) == []
+    values = await samples(mirror)
+    assert values['mirror_repository_denials_total{registry="quay.io"}'] == 3
+    assert values['mirror_repository_denials_total{registry="ghcr.io"}'] == 2
+    assert values['mirror_repository_denials_total{registry="docker.io"}'] == 2
     for path in (
         "/v2/ghcr.io/owner/app/manifests/1",
         "/v2/ghcr.io/team/deep/app/manifests/1",
@@ -747,3 +755,62 @@ async def test_sighup_applies_registry_ttls_and_names_what_needs_a_restart(
     mirror.clock.advance(10)
     assert (await mirror.client.get(GHCR_APP)).status == 200
     assert ghcr.count("manifest", "HEAD") == 1  # the new 5 s TTL applies
+
+
+# --- a registry that redirects everything (registry.k8s.io) ------------------------
+
+
+async def test_a_registry_redirecting_to_another_that_authenticates_is_followed(
+    make_mirror: MirrorFactory, aiohttp_server: ServerFactory
+) -> None:
+    """registry.k8s.io answers every /v2/ request with a 307 to a regional
+    Artifact Registry, which wants a token of its own and names the
+    repository its own way."""
+    regional = FakeRegistry(auth=True)
+    image = regional.push_image("k8s-artifacts-prod/images/pause", "3.9", [b"p" * 999])
+    server = await aiohttp_server(regional.app())
+    front = FakeRegistry(
+        redirect_to=str(server.make_url("")).rstrip("/"),
+        redirect_prefix="k8s-artifacts-prod/images/",
+    )
+    mirror = await make_mirror(
+        FakeRegistry(), registries={"registry.k8s.io": front}, cache_tag_ttl="10s"
+    )
+    path = "/v2/registry.k8s.io/pause"
+    resp = await mirror.client.get(f"{path}/manifests/3.9")
+    assert resp.status == 200
+    assert await resp.read() == image.manifest
+    for digest in image.blobs:
+        resp = await mirror.client.get(f"{path}/blobs/{digest}")
+        assert await resp.read() == regional.blobs[digest]
+    mirror.clock.advance(60)  # revalidated with a HEAD, through the redirect
+    resp = await mirror.client.get(f"{path}/manifests/3.9")
+    assert resp.status == 200
+    assert regional.count("manifest", "HEAD") == 1
+
+    assert {r.path.split("/")[2] for r in front.log} == {"pause"}
+    assert all(
+        r.path.startswith("/v2/k8s-artifacts-prod/images/pause/")
+        for r in regional.log
+        if r.path != "/token"
+    )
+    # Its token was fetched from, and sent to, the regional registry only.
+    assert regional.tokens_issued == 1
+    assert not [r for r in front.log if "Authorization" in r.headers]
+
+
+async def test_a_redirect_from_https_down_to_http_is_refused(
+    make_mirror: MirrorFactory, aiohttp_server: ServerFactory, tls_files: TlsFiles
+) -> None:
+    plain = FakeRegistry()
+    plain.push_image("library/app", "1", [b"d" * 10])
+    server = await aiohttp_server(plain.app())
+    front = FakeRegistry(redirect_to=str(server.make_url("")).rstrip("/"))
+    mirror = await make_mirror(
+        front,
+        server_ssl=tls_files.server_context(),
+        upstream_ca_file=str(tls_files.ca_file),
+    )
+    resp = await mirror.client.get("/v2/library/app/manifests/1")
+    assert resp.status == 503
+    assert plain.log == []

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.errors import UpstreamDenied, UpstreamUnavailable
-from mirror.metrics import Metrics, UpstreamMetrics
+from mirror.metrics import Metrics, RegistryMetrics
 from mirror.upstream.auth import (
     DEFAULT_TOKEN_TTL,
     Challenge,
@@ -25,6 +25,7 @@ from mirror.upstream.auth import (
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 SCOPE = "repository:library/alpine:pull"
+ORIGIN = "https://registry.test"
 
 # --- parse_challenge --------------------------------------------------------------
 
@@ -35,7 +36,10 @@ def test_docker_hub_bearer_challenge() -> None:
         'service="registry.docker.io",scope="repository:library/alpine:pull"'
     )
     assert parse_challenge(header) == Challenge(
-        "bearer", "https://auth.docker.io/token", "registry.docker.io"
+        "bearer",
+        "https://auth.docker.io/token",
+        "registry.docker.io",
+        scope="repository:library/alpine:pull",
     )
 
 
@@ -132,10 +136,12 @@ class TokenService:
     expires_in: float | None = 300.0
     gate: asyncio.Event | None = None
     requests: list[dict[str, str]] = field(default_factory=list)
+    scopes: list[list[str]] = field(default_factory=list)  # every scope asked
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append(dict(request.query))
+        self.scopes.append(request.query.getall("scope", []))
         self.arrived.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -173,7 +179,7 @@ async def harness(aiohttp_server: ServerFactory) -> AsyncIterator[Harness]:
     async with aiohttp.ClientSession() as session:
 
         def get(
-            url: str, params: dict[str, str], headers: dict[str, str]
+            url: str, params: list[tuple[str, str]], headers: dict[str, str]
         ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
             return session.get(
                 url, params=params, headers=headers, allow_redirects=False
@@ -181,7 +187,7 @@ async def harness(aiohttp_server: ServerFactory) -> AsyncIterator[Harness]:
 
         auth = TokenAuth(
             get,
-            UpstreamMetrics(metrics, "docker.io"),
+            RegistryMetrics(metrics, "docker.io"),
             upstream_url=str(server.make_url("")),
             clock=clock,
         )
@@ -190,15 +196,15 @@ async def harness(aiohttp_server: ServerFactory) -> AsyncIterator[Harness]:
 
 async def test_authenticate_fetches_and_caches(harness: Harness) -> None:
     auth = harness.auth
-    assert auth.header_for(SCOPE) is None  # no challenge seen yet
+    assert auth.header_for(ORIGIN, SCOPE) is None  # no challenge seen yet
 
-    header = await auth.authenticate(harness.challenge(), SCOPE)
+    header = await auth.authenticate(ORIGIN, harness.challenge(), SCOPE)
 
     assert header == "Bearer tok1"
     assert harness.service.requests == [{"scope": SCOPE, "service": "registry.test"}]
-    assert auth.header_for(SCOPE) == "Bearer tok1"
-    assert auth.header_for("repository:library/busybox:pull") is None
-    assert await auth.authenticate(harness.challenge(), SCOPE) == "Bearer tok1"
+    assert auth.header_for(ORIGIN, SCOPE) == "Bearer tok1"
+    assert auth.header_for(ORIGIN, "repository:library/busybox:pull") is None
+    assert await auth.authenticate(ORIGIN, harness.challenge(), SCOPE) == "Bearer tok1"
     assert len(harness.service.requests) == 1
     value = harness.metrics.registry.get_sample_value(
         "mirror_upstream_requests_total",
@@ -208,38 +214,38 @@ async def test_authenticate_fetches_and_caches(harness: Harness) -> None:
 
 
 async def test_service_param_omitted_when_challenge_has_none(harness: Harness) -> None:
-    await harness.auth.authenticate(f'Bearer realm="{harness.realm}"', SCOPE)
+    await harness.auth.authenticate(ORIGIN, f'Bearer realm="{harness.realm}"', SCOPE)
     assert harness.service.requests == [{"scope": SCOPE}]
 
 
 async def test_invalid_token_forces_a_new_token(harness: Harness) -> None:
     auth = harness.auth
-    assert await auth.authenticate(harness.challenge(), SCOPE) == "Bearer tok1"
+    assert await auth.authenticate(ORIGIN, harness.challenge(), SCOPE) == "Bearer tok1"
     retry = harness.challenge(error="invalid_token")
-    assert await auth.authenticate(retry, SCOPE) == "Bearer tok2"
-    assert auth.header_for(SCOPE) == "Bearer tok2"
+    assert await auth.authenticate(ORIGIN, retry, SCOPE) == "Bearer tok2"
+    assert auth.header_for(ORIGIN, SCOPE) == "Bearer tok2"
 
 
 async def test_token_expires_before_its_ttl(harness: Harness) -> None:
     harness.service.expires_in = 100.0  # margin 10 s: valid until now + 90
     auth = harness.auth
-    assert await auth.authenticate(harness.challenge(), SCOPE) == "Bearer tok1"
+    assert await auth.authenticate(ORIGIN, harness.challenge(), SCOPE) == "Bearer tok1"
     harness.clock.now += 89.0
-    assert auth.header_for(SCOPE) == "Bearer tok1"
+    assert auth.header_for(ORIGIN, SCOPE) == "Bearer tok1"
     harness.clock.now += 2.0
-    assert auth.header_for(SCOPE) is None
-    assert await auth.authenticate(harness.challenge(), SCOPE) == "Bearer tok2"
+    assert auth.header_for(ORIGIN, SCOPE) is None
+    assert await auth.authenticate(ORIGIN, harness.challenge(), SCOPE) == "Bearer tok2"
 
 
 async def test_default_ttl_without_expires_in(harness: Harness) -> None:
     harness.service.expires_in = None
     auth = harness.auth
-    await auth.authenticate(harness.challenge(), SCOPE)
+    await auth.authenticate(ORIGIN, harness.challenge(), SCOPE)
     lifetime = DEFAULT_TOKEN_TTL - token_expiry_margin(DEFAULT_TOKEN_TTL)
     harness.clock.now += lifetime - 1
-    assert auth.header_for(SCOPE) == "Bearer tok1"
+    assert auth.header_for(ORIGIN, SCOPE) == "Bearer tok1"
     harness.clock.now += 2
-    assert auth.header_for(SCOPE) is None
+    assert auth.header_for(ORIGIN, SCOPE) is None
 
 
 async def test_concurrent_requests_share_one_fetch(harness: Harness) -> None:
@@ -247,7 +253,7 @@ async def test_concurrent_requests_share_one_fetch(harness: Harness) -> None:
     harness.service.gate = gate
     challenge = harness.challenge()
     calls = [
-        asyncio.create_task(harness.auth.authenticate(challenge, SCOPE))
+        asyncio.create_task(harness.auth.authenticate(ORIGIN, challenge, SCOPE))
         for _ in range(4)
     ]
     await harness.service.arrived.wait()
@@ -258,20 +264,23 @@ async def test_concurrent_requests_share_one_fetch(harness: Harness) -> None:
 
 async def test_access_token_field_is_preferred(harness: Harness) -> None:
     harness.service.body = b'{"access_token": "at", "token": "t", "expires_in": 60}'
-    assert await harness.auth.authenticate(harness.challenge(), SCOPE) == "Bearer at"
+    assert (
+        await harness.auth.authenticate(ORIGIN, harness.challenge(), SCOPE)
+        == "Bearer at"
+    )
 
 
 @pytest.mark.parametrize("status", [401, 403])
 async def test_token_service_refusal_is_denied(harness: Harness, status: int) -> None:
     harness.service.status = status
     with pytest.raises(UpstreamDenied):
-        await harness.auth.authenticate(harness.challenge(), SCOPE)
+        await harness.auth.authenticate(ORIGIN, harness.challenge(), SCOPE)
 
 
 async def test_token_service_error_is_unavailable(harness: Harness) -> None:
     harness.service.status = 500
     with pytest.raises(UpstreamUnavailable) as info:
-        await harness.auth.authenticate(harness.challenge(), SCOPE)
+        await harness.auth.authenticate(ORIGIN, harness.challenge(), SCOPE)
     assert info.value.detail == {"status": 500}
 
 
@@ -281,15 +290,15 @@ async def test_token_service_error_is_unavailable(harness: Harness) -> None:
 async def test_bad_token_body_is_unavailable(harness: Harness, body: bytes) -> None:
     harness.service.body = body
     with pytest.raises(UpstreamUnavailable):
-        await harness.auth.authenticate(harness.challenge(), SCOPE)
-    assert harness.auth.header_for(SCOPE) is None
+        await harness.auth.authenticate(ORIGIN, harness.challenge(), SCOPE)
+    assert harness.auth.header_for(ORIGIN, SCOPE) is None
 
 
 async def test_unreachable_token_service_is_unavailable(harness: Harness) -> None:
     # Port 1 on localhost: connection refused, no waiting.
     challenge = 'Bearer realm="http://127.0.0.1:1/token",service="s"'
     with pytest.raises(UpstreamUnavailable, match="unreachable"):
-        await harness.auth.authenticate(challenge, SCOPE)
+        await harness.auth.authenticate(ORIGIN, challenge, SCOPE)
     value = harness.metrics.registry.get_sample_value(
         "mirror_upstream_requests_total",
         {"registry": "docker.io", "kind": "token", "result": "error"},
@@ -302,5 +311,33 @@ async def test_unreachable_token_service_is_unavailable(harness: Harness) -> Non
 )
 async def test_unanswerable_challenge_is_denied(harness: Harness, header: str) -> None:
     with pytest.raises(UpstreamDenied):
-        await harness.auth.authenticate(header, SCOPE)
+        await harness.auth.authenticate(ORIGIN, header, SCOPE)
     assert harness.service.requests == []
+
+
+async def test_a_token_goes_only_to_the_origin_whose_challenge_it_answers(
+    harness: Harness,
+) -> None:
+    """A registry that redirects to another (registry.k8s.io) must not send
+    the other's token to itself, nor its own to the other."""
+    auth = harness.auth
+    await auth.authenticate(ORIGIN, harness.challenge(), SCOPE)
+    assert auth.header_for(ORIGIN, SCOPE) == "Bearer tok1"
+    assert auth.header_for("https://elsewhere.test", SCOPE) is None
+    other = "https://regional.test"
+    assert await auth.authenticate(other, harness.challenge(), SCOPE) == "Bearer tok1"
+    assert auth.header_for(other, SCOPE) == "Bearer tok1"
+
+
+async def test_the_scope_a_challenge_names_is_asked_for_too(harness: Harness) -> None:
+    theirs = "repository:k8s-artifacts-prod/images/pause:pull"
+    challenge = harness.challenge(scope=theirs)
+    await harness.auth.authenticate(ORIGIN, challenge, SCOPE)
+    assert harness.service.scopes == [[SCOPE, theirs]]
+    # The same scope as ours is asked once.
+    await harness.auth.authenticate(
+        ORIGIN,
+        harness.challenge(scope="repository:library/busybox:pull"),
+        "repository:library/busybox:pull",
+    )
+    assert harness.service.scopes[-1] == ["repository:library/busybox:pull"]
