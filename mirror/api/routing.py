@@ -9,11 +9,13 @@ In this order:
    scopes a request by it. If the path also starts with that host (a
    containerd `override_path` mirror URL of `/v2/<host>`), it is dropped.
 2. A path prefix, `/v2/<host>/<repository>/...`, when the first component is
-   a configured registry host: for clients that cannot send `ns` (`docker
-   pull mirror:5000/ghcr.io/owner/app`, skopeo, crane). A component counts
-   as a host only if it has a `.` or a `:` or is `localhost`, Docker's own
-   rule, so a configured host without one does not capture Docker Hub
-   namespaces of that name; such a registry is reached by `ns` only.
+   a registry host: for clients that cannot send `ns` (`docker pull
+   mirror:5000/ghcr.io/owner/app`, skopeo, crane). A component counts as a
+   host only if it has a `.` or a `:` or is `localhost`, Docker's own rule,
+   so a configured host without one does not capture Docker Hub namespaces
+   of that name; such a registry is reached by `ns` only. An unconfigured
+   host gets 404 NAME_UNKNOWN, as for `ns` (no Docker Hub namespace has a
+   `.` or a `:`, so Docker Hub is not asked).
 3. Otherwise docker.io.
 
 The `library/` normalisation is docker.io's (Registry.repository), and so
@@ -99,6 +101,10 @@ class Router:
                 name, prefix = rest, first
         elif prefixed is not None:
             registry, name, prefix = prefixed, rest, first
+        elif slash and _looks_like_host(first):
+            # Docker Hub's namespaces have no `.` or `:`: this names a
+            # registry, one not configured. Docker Hub is not asked.
+            raise self._unknown(first)
         else:
             if self._prefix(name) is not None:
                 raise NameInvalid(
@@ -111,9 +117,7 @@ class Router:
         return route
 
     def _prefix(self, component: str) -> Registry | None:
-        if "." in component or ":" in component or component == "localhost":
-            return self.registries.get(component)
-        return None
+        return self.registries.get(component) if _looks_like_host(component) else None
 
     def _unknown(self, ns: str) -> NameUnknown:
         """The error for an `ns` naming no configured registry; logs the host
@@ -148,6 +152,12 @@ class Router:
                 ),
             },
         )
+
+
+def _looks_like_host(component: str) -> bool:
+    """Docker's rule for the first component of a name: a registry host if it
+    has a `.` or a `:` or is `localhost`."""
+    return "." in component or ":" in component or component == "localhost"
 
 
 async def echo_namespace(request: web.Request, response: web.StreamResponse) -> None:

@@ -814,3 +814,24 @@ async def test_a_redirect_from_https_down_to_http_is_refused(
     resp = await mirror.client.get("/v2/library/app/manifests/1")
     assert resp.status == 503
     assert plain.log == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/gcr.io/distroless/static/manifests/1",
+        "/v2/registry.corp:5000/team/app/blobs/sha256:" + "0" * 64,
+        "/v2/localhost/app/tags/list",
+    ],
+)
+async def test_an_unconfigured_host_prefix_is_name_unknown_without_asking_docker_hub(
+    make_mirror: MirrorFactory, path: str
+) -> None:
+    mirror = await three(make_mirror)
+    resp = await mirror.client.get(path)
+    assert resp.status == 404
+    found = await error(resp)
+    assert found["code"] == "NAME_UNKNOWN"
+    assert "is not mirrored here" in str(found["message"])
+    for upstream in (mirror.upstream, *mirror.registries.values()):
+        assert v2_paths(upstream) == []

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -115,6 +116,15 @@ def _attach(
         sources.append((name, process, mark))
 
 
+def watch_log(
+    request: pytest.FixtureRequest, name: str, process: ManagedProcess | None
+) -> None:
+    """Attach ``process``'s log from this point on to the failure report
+    (for a module's own shared processes)."""
+    if process is not None:
+        _attach(request, name, process, process.log_size())
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -159,7 +169,7 @@ def ctr_bin() -> str:
 # --- processes ----------------------------------------------------------------
 
 
-def _started(start: Callable[[], None]) -> None:
+def start_or_fail(start: Callable[[], None]) -> None:
     """Run a start-up function, turning its failure into a readable fail."""
     try:
         start()
@@ -177,7 +187,7 @@ def upstream(
         workdir=tmp_path_factory.mktemp("upstream"),
     )
     try:
-        _started(registry.start)
+        start_or_fail(registry.start)
         yield registry
     finally:
         registry.stop()
@@ -208,7 +218,7 @@ def token_upstream(
         auth=token_server.registry_auth_config(),
     )
     try:
-        _started(registry.start)
+        start_or_fail(registry.start)
         yield registry
     finally:
         registry.stop()
@@ -232,7 +242,7 @@ def upstream_factory(
         )
         started.append(registry)
         try:
-            _started(registry.start)
+            start_or_fail(registry.start)
         finally:
             _attach(request, f"upstream #{len(started)}", registry.process, 0)
         return registry
@@ -250,7 +260,7 @@ def mirror(
         upstream_url=upstream.url, workdir=tmp_path_factory.mktemp("mirror")
     )
     try:
-        _started(process.start)
+        start_or_fail(process.start)
         yield process
     finally:
         process.stop()
@@ -293,7 +303,7 @@ def mirror_factory(
         started.append(process)
         mark = _log_offset(process.log_path)
         try:
-            _started(process.start)
+            start_or_fail(process.start)
         finally:
             _attach(request, f"mirror #{len(started)}", process.process, mark)
         return process
@@ -310,7 +320,7 @@ def _running_docker(binary: str, mirror_url: str) -> Iterator[DockerDaemon]:
         binary=binary, directory=make_daemon_dir(), mirror_url=mirror_url
     )
     try:
-        _started(daemon.start)
+        start_or_fail(daemon.start)
         yield daemon
     finally:
         daemon.stop()
@@ -345,22 +355,33 @@ def docker_factory(
         yield factory
 
 
-@pytest.fixture(scope="module")
-def containerd(
-    containerd_bin: str, ctr_bin: str, mirror: MirrorProcess
+@contextlib.contextmanager
+def running_containerd(
+    containerd_bin: str, ctr_bin: str, mirror_url: str, **options: Any
 ) -> Iterator[Containerd]:
+    """A started Containerd pulling through `mirror_url` (`options` go to
+    Containerd, e.g. `registries`); stopped and its directory removed after."""
     daemon = Containerd(
         binary=containerd_bin,
         ctr=ctr_bin,
         directory=make_daemon_dir(),
-        mirror_url=mirror.url,
+        mirror_url=mirror_url,
+        **options,
     )
     try:
-        _started(daemon.start)
+        start_or_fail(daemon.start)
         yield daemon
     finally:
         daemon.stop()
         remove_daemon_dir(daemon.directory)
+
+
+@pytest.fixture(scope="module")
+def containerd(
+    containerd_bin: str, ctr_bin: str, mirror: MirrorProcess
+) -> Iterator[Containerd]:
+    with running_containerd(containerd_bin, ctr_bin, mirror.url) as daemon:
+        yield daemon
 
 
 # --- images -------------------------------------------------------------------
@@ -418,11 +439,14 @@ class Publisher:
         flavour: Flavour = "oci",
         layer_sizes: list[int] | None = None,
         to: Upstream | None = None,
+        layer_seeds: Sequence[str | None] = (),
     ) -> Published:
-        """Build a single-platform linux/amd64 image, push it as repository:tag."""
-        return await self._publish(
-            build_image, repository, tag, flavour, layer_sizes, to
-        )
+        """Build a single-platform linux/amd64 image, push it as repository:tag.
+
+        ``layer_seeds`` makes layers shared with other images (see
+        ``build_image``)."""
+        build = functools.partial(build_image, layer_seeds=layer_seeds)
+        return await self._publish(build, repository, tag, flavour, layer_sizes, to)
 
     async def multiarch(
         self,

@@ -2,10 +2,16 @@
 
 This module owns ``Containerd``: a containerd with its own root, state and
 short socket paths (the CRI plugin disabled, since nothing here runs pods),
-plus a ``hosts.toml`` directory that makes ``docker.io`` resolve through the
-mirror. ctr 1.6 reads that directory with ``--hosts-dir``; an ``http://``
-host in it needs no ``--plain-http``. containerd appends ``?ns=docker.io``
-to every request it sends to a mirror host and does not ping ``/v2/``.
+plus a ``hosts.toml`` directory that makes ``docker.io`` (and any other
+registries named) resolve through the mirror. ctr 1.6 reads that directory
+with ``--hosts-dir``; an ``http://`` host in it needs no ``--plain-http``.
+containerd appends ``?ns=<registry>`` to every request it sends to a mirror
+host and does not ping ``/v2/``.
+
+When the mirror fails, containerd tries the ``server`` of ``hosts.toml``
+next. That is a ``ClosedPort`` here, and so are the proxies in the daemon's
+and ``ctr``'s environment, so a fallback fails at once instead of reaching
+the real registry.
 
 Pulls use the ``native`` snapshotter so unpacking works wherever the tests
 run, including inside containers where overlay mounts are not allowed.
@@ -16,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tools import Completed, ManagedProcess, run
+from .tools import ClosedPort, Completed, ManagedProcess, run
 
 SNAPSHOTTER = "native"
 
@@ -34,9 +40,10 @@ def containerd_config(directory: Path) -> str:
     )
 
 
-def hosts_toml(mirror_url: str) -> str:
+def hosts_toml(mirror_url: str, server: str) -> str:
+    """Resolve and pull through ``mirror_url``; fall back to ``server``."""
     return (
-        'server = "https://registry-1.docker.io"\n'
+        f'server = "{server}"\n'
         "\n"
         f'[host."{mirror_url}"]\n'
         '  capabilities = ["pull", "resolve"]\n'
@@ -51,25 +58,33 @@ class Containerd:
     ctr: str
     directory: Path
     mirror_url: str
+    registries: tuple[str, ...] = ("docker.io",)
+    """Registries whose ``hosts.toml`` sends them through the mirror."""
     process: ManagedProcess | None = None
     socket_path: Path = field(init=False)
     hosts_dir: Path = field(init=False)
+    closed: ClosedPort = field(init=False)
 
     def __post_init__(self) -> None:
         self.socket_path = self.directory / "c.sock"
         self.hosts_dir = self.directory / "hosts"
+        self.closed = ClosedPort()
 
     def start(self, *, timeout: float = 20.0) -> None:
         """Start containerd and wait for its socket; raises with its log."""
         config = self.directory / "config.toml"
         config.write_text(containerd_config(self.directory))
-        host_dir = self.hosts_dir / "docker.io"
-        host_dir.mkdir(parents=True, exist_ok=True)
-        (host_dir / "hosts.toml").write_text(hosts_toml(self.mirror_url))
+        for registry in self.registries:
+            host_dir = self.hosts_dir / registry
+            host_dir.mkdir(parents=True, exist_ok=True)
+            (host_dir / "hosts.toml").write_text(
+                hosts_toml(self.mirror_url, self.closed.url)
+            )
         self.process = ManagedProcess(
             name="containerd",
             argv=[self.binary, "--config", str(config)],
             log_path=self.directory / "containerd.log",
+            env=self.closed.environment(),
         )
         self.process.start()
         # The socket appears once the gRPC server listens; "serving..." for
@@ -89,6 +104,7 @@ class Containerd:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop(timeout=20.0)
+        self.closed.close()
 
     async def ctr_run(
         self, *args: str, time_limit: float = 90.0, check: bool = True
@@ -100,9 +116,13 @@ class Containerd:
             *args,
             time_limit=time_limit,
             check=check,
+            # ctr itself fetches what it pulls: its fallback must fail too.
+            env=self.closed.environment(),
         )
 
-    async def pull(self, reference: str, *extra: str) -> Completed:
+    async def pull(
+        self, reference: str, *extra: str, time_limit: float = 90.0, check: bool = True
+    ) -> Completed:
         """``ctr images pull`` through the mirror (``extra``: more flags)."""
         return await self.ctr_run(
             "images",
@@ -113,6 +133,8 @@ class Containerd:
             SNAPSHOTTER,
             *extra,
             reference,
+            time_limit=time_limit,
+            check=check,
         )
 
     async def image_digests(self) -> dict[str, str]:

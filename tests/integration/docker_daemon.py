@@ -8,8 +8,13 @@ CLI because the CLI on PATH may be much newer than the daemon.
 
 dockerd only consults a registry mirror for Docker Hub images
 (``library/x:1``, ``someuser/app:1``), and when the mirror fails it falls back
-to registry-1.docker.io, which is unreachable here: a mirror bug shows up as
-a pull error mentioning registry-1.docker.io.
+to registry-1.docker.io. Its environment names a ``ClosedPort`` as the HTTP(S)
+proxy (loopback excepted), so that fallback fails at once: a mirror bug shows
+up as a pull error mentioning registry-1.docker.io and a refused proxy
+connection. The mirror's address is also an ``--insecure-registry``, so images
+named by a path through it (``127.0.0.1:PORT/ghcr.io/owner/app:1``) pull over
+plain HTTP; dockerd treats 127.0.0.0/8 that way by default, and saying so
+keeps it from being an accident.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from .tools import ManagedProcess
+from .tools import ClosedPort, ManagedProcess
 
 API = "http://docker"  # Host is ignored on a unix socket; aiohttp needs one.
 
@@ -68,9 +73,11 @@ class DockerDaemon:
     extra_args: Sequence[str] = ()
     process: ManagedProcess | None = None
     socket_path: Path = field(init=False)
+    closed: ClosedPort = field(init=False)
 
     def __post_init__(self) -> None:
         self.socket_path = self.directory / "d.sock"
+        self.closed = ClosedPort()
 
     def start(self, *, timeout: float = 30.0) -> None:
         """Start dockerd and wait for ``/_ping``; raises with its log if not."""
@@ -97,11 +104,14 @@ class DockerDaemon:
                 f"unix://{self.socket_path}",
                 "--registry-mirror",
                 self.mirror_url,
+                "--insecure-registry",
+                urlsplit(self.mirror_url).netloc,
                 "--max-concurrent-downloads",
                 "3",
                 *self.extra_args,
             ],
             log_path=self.directory / "dockerd.log",
+            env=self.closed.environment(),
         )
         self.process.start()
         self.process.wait_ready(
@@ -113,6 +123,7 @@ class DockerDaemon:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop(timeout=20.0)
+        self.closed.close()
 
 
 class PullError(AssertionError):

@@ -24,6 +24,7 @@ import io
 import json
 import random
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -247,16 +248,21 @@ def _write_image(
     flavour: Flavour,
     os: str,
     architecture: str,
+    layer_seeds: Sequence[str | None] = (),
 ) -> Image:
     types = MEDIA_TYPES[flavour]
     layers: list[Layer] = []
     for number, size in enumerate(layer_sizes):
         # Each layer gets a small text file naming it plus a random blob, so
         # layers differ between seeds, platforms and positions.
+        given = layer_seeds[number] if number < len(layer_seeds) else None
+        layer_seed = seed if given is None else given
         files = {
-            f"layer{number}/id.txt": f"{seed} {os}/{architecture} {number}\n".encode(),
+            f"layer{number}/id.txt": (
+                f"{layer_seed} {os}/{architecture} {number}\n".encode()
+            ),
             f"layer{number}/data.bin": deterministic_bytes(
-                f"{seed}/{os}/{architecture}/{number}", size
+                f"{layer_seed}/{os}/{architecture}/{number}", size
             ),
         }
         uncompressed, compressed = make_layer_tar(files)
@@ -316,11 +322,14 @@ def build_image(
     flavour: Flavour = "oci",
     os: str = "linux",
     architecture: str = "amd64",
+    layer_seeds: Sequence[str | None] = (),
 ) -> Layout:
     """Write a single-platform image to a new OCI layout at ``path``.
 
     ``layer_sizes`` gives the random payload per layer in bytes (default: two
-    layers, 512 KiB and 1 MiB).
+    layers, 512 KiB and 1 MiB). ``layer_seeds`` replaces ``seed`` for the
+    layers at those positions (None keeps it): images whose layer N has the
+    same seed, size, platform and flavour share that layer, byte for byte.
     """
     writer = LayoutWriter(path, flavour)
     image = _write_image(
@@ -330,6 +339,7 @@ def build_image(
         flavour=flavour,
         os=os,
         architecture=architecture,
+        layer_seeds=layer_seeds,
     )
     reference = writer.finish(image.manifest, tag)
     return Layout(path=path, tag=tag, image=image, reference=reference)
@@ -382,4 +392,77 @@ def build_multiarch(
         tag=tag,
         image=MultiArchImage(index=index, children=children),
         reference=reference,
+    )
+
+
+COSIGN_PAYLOAD = "application/vnd.dev.cosign.simplesigning.v1+json"
+COSIGN_SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
+
+
+def signature_tag(digest: str) -> str:
+    """cosign's tag for the signature of ``digest``: ``sha256-<hex>.sig``."""
+    algorithm, _, hex_digest = digest.partition(":")
+    return f"{algorithm}-{hex_digest}.sig"
+
+
+def build_signature(
+    path: Path, *, signed: Descriptor, reference: str, tag: str | None = None
+) -> Layout:
+    """Write a cosign-style signature of ``signed`` to a new OCI layout.
+
+    Its shape is what ``cosign sign`` pushes: an OCI image manifest whose one
+    layer is a simple-signing payload naming ``reference`` and the signed
+    digest, annotated with a signature (random bytes here: nothing verifies
+    it), and with ``subject`` pointing at the signed manifest as OCI 1.1
+    referrers expect. ``tag`` defaults to ``signature_tag(signed.digest)``.
+    """
+    tag = tag or signature_tag(signed.digest)
+    writer = LayoutWriter(path, "oci")
+    payload = json.dumps(
+        {
+            "critical": {
+                "identity": {"docker-reference": reference},
+                "image": {"docker-manifest-digest": signed.digest},
+                "type": "cosign container image signature",
+            },
+            "optional": None,
+        }
+    ).encode()
+    layer = writer.add_blob(payload, COSIGN_PAYLOAD)
+    config = writer.add_blob(
+        json.dumps(
+            {
+                "architecture": "",
+                "os": "",
+                "config": {},
+                "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+            }
+        ).encode(),
+        MEDIA_TYPES["oci"]["config"],
+    )
+    signature = deterministic_bytes(f"signature {signed.digest}", 64).hex()
+    manifest_json = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPES["oci"]["manifest"],
+        "config": config.to_json(),
+        "layers": [
+            {
+                **layer.to_json(),
+                "annotations": {COSIGN_SIGNATURE_ANNOTATION: signature},
+            }
+        ],
+        "subject": signed.to_json(),
+    }
+    manifest = writer.add_manifest(
+        json.dumps(manifest_json).encode(), MEDIA_TYPES["oci"]["manifest"]
+    )
+    image = Image(
+        manifest=manifest,
+        config=config,
+        layers=(Layer(descriptor=layer, diff_id=layer.digest, files=()),),
+        os="",
+        architecture="",
+    )
+    return Layout(
+        path=path, tag=tag, image=image, reference=writer.finish(manifest, tag)
     )

@@ -81,17 +81,45 @@ class Skopeo:
             time_limit=time_limit,
         )
 
-    async def push(self, layout: Layout, host: str, repository: str, tag: str) -> None:
-        """Copy a generated layout (every child of an index) to ``host``.
+    async def inspect_raw(
+        self, reference: str, *, time_limit: float = 60.0, check: bool = True
+    ) -> Completed:
+        """``skopeo inspect --raw docker://<reference>`` over plain HTTP: the
+        manifest's bytes as served, in ``stdout``."""
+        return await run(
+            self.binary,
+            "--policy",
+            self.policy_path,
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            f"docker://{reference}",
+            time_limit=time_limit,
+            check=check,
+        )
+
+    async def push(
+        self,
+        layout: Layout,
+        host: str,
+        repository: str,
+        tag: str,
+        *,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        """Copy a generated layout (every child of an index) to ``host``,
+        as ``credentials`` (username, password) if given.
 
         ``--preserve-digests`` makes skopeo fail rather than rewrite a
         manifest, so the registry serves exactly the generated digests.
         """
+        creds = [] if credentials is None else ["--dest-creds", ":".join(credentials)]
         await self.copy(
             "--quiet",
             "--all",
             "--preserve-digests",
             "--dest-tls-verify=false",
+            *creds,
             layout.reference,
             f"docker://{host}/{repository}:{tag}",
         )

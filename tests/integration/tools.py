@@ -10,7 +10,8 @@ This module owns two things every integration fixture needs:
   session and stopped with SIGTERM, then SIGKILL after a timeout.
 
 Plus ``run``, an async subprocess runner with a timeout for one-shot client
-commands (skopeo, ctr).
+commands (skopeo, ctr, podman), and ``ClosedPort``, where clients that fall
+back to the real registry (dockerd, containerd, podman) are sent instead.
 """
 
 from __future__ import annotations
@@ -79,6 +80,40 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class ClosedPort:
+    """A loopback port that refuses every connection, held for as long as
+    this object is open.
+
+    Daemons that fall back to the real registry when the mirror fails
+    (dockerd, containerd, podman) are pointed here: as their HTTP(S) proxy,
+    and as the fallback ``server`` in containerd's ``hosts.toml``. The port
+    is bound but never listened on, so a connection is refused at once (a
+    fallback fails fast instead of reaching the internet) and no other
+    process can take the port meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: this process's environment) with every proxy
+        variable naming this port, except for 127.0.0.0/8."""
+        env = dict(os.environ if base is None else base)
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            env[name] = env[name.lower()] = self.url
+        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.0/8,localhost"
+        return env
+
+    def close(self) -> None:
+        self._socket.close()
 
 
 def http_status(url: str, *, timeout: float = 2.0) -> int | None:

@@ -20,13 +20,21 @@ it is what we count; the logrus lines are the fallback for a configuration
 without an access log. A log position (``mark``) is a byte offset, so tests
 ask "what was served since this point" without truncating a file the registry
 still has open.
+
+A registry can demand its own credentials with distribution's htpasswd auth
+(``htpasswd_auth``), which takes bcrypt hashes only; they are made with the
+system's libcrypt (libxcrypt, part of Debian's base system) through ctypes,
+so no bcrypt package is needed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import re
+import secrets
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +52,11 @@ ACCESS_LINE = re.compile(
 LOGRUS_FIELD = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S+)')
 DIGEST_IN_PATH = re.compile(
     r"^/v2/(?P<name>.+)/(?P<kind>blobs|manifests)/(?P<reference>[^/]+)$"
+)
+# Any route naming a repository: blobs (and uploads), manifests, tags/list,
+# referrers.
+NAME_IN_PATH = re.compile(
+    r"^/v2/(?P<name>.+?)/(?:blobs|manifests|tags|referrers)/[^/]+(?:/[^/]*)?$"
 )
 
 RequestKind = Literal["blob", "manifest", "other"]
@@ -88,6 +101,13 @@ class Request:
         return None if match is None else match["reference"]
 
     @property
+    def named(self) -> str | None:
+        """The repository any repository route names (tags, referrers and
+        uploads too); None for ``/v2/`` and the like."""
+        match = NAME_IN_PATH.match(self.path)
+        return None if match is None else match["name"]
+
+    @property
     def by_digest(self) -> bool:
         ref = self.reference
         return ref is not None and ref.startswith("sha256:")
@@ -122,6 +142,10 @@ class RequestLog:
             and r.kind == "blob"
             and not (successful and r.status >= 400)
         )
+
+    def repositories(self) -> set[str]:
+        """Every repository a request named (see ``Request.named``)."""
+        return {name for r in self.requests if (name := r.named) is not None}
 
     def manifest_requests_by_digest(self) -> list[Request]:
         """GET/HEAD of manifests by digest: content that can never change."""
@@ -197,6 +221,36 @@ def registry_config(root: Path, port: int, auth: dict[str, Any] | None = None) -
     return json.dumps(config, indent=2)
 
 
+def bcrypt_hash(password: str, *, cost: int = 4) -> str:
+    """A bcrypt (``$2y$``) hash of ``password`` from the system's libcrypt.
+
+    Raises OSError when libcrypt is missing or cannot make bcrypt hashes.
+    The cost is bcrypt's lowest: distribution checks the password on every
+    request.
+    """
+    library = ctypes.CDLL(ctypes.util.find_library("crypt") or "libcrypt.so.1")
+    gensalt = library.crypt_gensalt
+    gensalt.restype = ctypes.c_char_p
+    gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
+    crypt = library.crypt
+    crypt.restype = ctypes.c_char_p
+    crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    entropy = secrets.token_bytes(16)
+    setting = gensalt(b"$2y$", cost, entropy, len(entropy))
+    hashed = None if setting is None else crypt(password.encode(), setting)
+    if hashed is None or not hashed.startswith(b"$2y$"):
+        raise OSError("libcrypt made no bcrypt hash")
+    return str(hashed.decode())
+
+
+def htpasswd_auth(path: Path, username: str, password: str) -> dict[str, Any]:
+    """Write an htpasswd file for one account; return the registry's ``auth``
+    section using it (HTTP Basic, realm ``mirror-test``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{username}:{bcrypt_hash(password)}\n")
+    return {"htpasswd": {"realm": "mirror-test", "path": str(path)}}
+
+
 @dataclass
 class Upstream:
     """A running ``docker-registry`` on 127.0.0.1 and helpers around it."""
@@ -206,6 +260,8 @@ class Upstream:
     workdir: Path
     auth: dict[str, Any] | None = None
     """The registry's ``auth`` section; None serves anonymously."""
+    credentials: tuple[str, str] | None = None
+    """(username, password) to push with, for a registry that demands them."""
     port: int = 0
     process: ManagedProcess | None = None
 
@@ -217,15 +273,22 @@ class Upstream:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, *, timeout: float = 15.0, attempts: int = 3) -> None:
+    def start(
+        self, *, timeout: float = 15.0, attempts: int = 3, same_port: bool = False
+    ) -> None:
         """Start the registry and wait for ``/v2/`` to answer 200.
 
         Retries on a new port if the chosen one was taken in the meantime.
-        Raises ProcessDied or TimeoutError with the registry log.
+        ``same_port`` restarts a stopped registry where it was (on the same
+        storage), for clients configured with its address; there is no
+        retry then. Raises ProcessDied or TimeoutError with the registry log.
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if same_port:
+            attempts = 1
         for attempt in range(attempts):
-            self.port = free_port()
+            if not (same_port and self.port):
+                self.port = free_port()
             config = self.workdir / "config.yml"
             config.write_text(
                 registry_config(self.workdir / "storage", self.port, self.auth)
@@ -284,4 +347,6 @@ class Upstream:
 
     async def push(self, layout: Layout, repository: str, tag: str) -> None:
         """Push a generated image (all children of an index) as repository:tag."""
-        await self.skopeo.push(layout, self.host, repository, tag)
+        await self.skopeo.push(
+            layout, self.host, repository, tag, credentials=self.credentials
+        )
