@@ -33,6 +33,7 @@ from mirror.config import (
     parse_duration,
     parse_url,
 )
+from mirror.tls import TlsError
 
 log = logging.getLogger("mirror")
 
@@ -106,6 +107,9 @@ def serve(config: Config, config_path: Path | None) -> int:
         )
     except OSError as exc:
         print(f"mirror: cannot listen on {listen}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except TlsError as exc:  # the files changed since the config was checked
+        print(f"mirror: server.tls_cert: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror.tls import TlsError, server_context
+
 DOCKER_HUB = "https://registry-1.docker.io"
 DOCKER_IO = "docker.io"
 # Host names that mean Docker Hub in a reference or an ?ns= value.
@@ -356,6 +358,22 @@ class ServerConfig:
         60.0,
         "longest a client may accept no response bytes before it is dropped",
     )
+    tls_cert: Path | None = _key(
+        parse_path,
+        None,
+        "PEM certificate (chain after it) to serve HTTPS with; needs tls_key",
+    )
+    tls_key: Path | None = _key(parse_path, None, "PEM private key of tls_cert")
+    client_ca: Path | None = _key(
+        parse_path,
+        None,
+        "PEM CA bundle: clients must present a certificate it issued (mTLS)",
+    )
+    tls_watch_interval: float = _key(
+        parse_duration,
+        10.0,
+        "how often the certificate files are checked for changes (0: never)",
+    )
 
 
 @dataclass(frozen=True)
@@ -584,6 +602,7 @@ def load_config(
         if section == "cache" and "dir" not in values:
             values["dir"] = default_cache_dir(environ)
         sections[section] = cls(**values)
+    _check_tls(sections["server"])
     upstream = _read_password(sections["upstream"], "upstream")
     _check_ca_file(upstream.ca_file, "upstream.ca_file")
     _check_docker_io_patterns(upstream)
@@ -813,6 +832,24 @@ def _read_password(upstream: UpstreamConfig, owner: str) -> UpstreamConfig:
             else f"{owner}.password: set {owner}.username too"
         )
     return dataclasses.replace(upstream, password=password)
+
+
+def _check_tls(server: ServerConfig) -> None:
+    """The listener's certificate must load now, not at the first client.
+
+    Raises ConfigError.
+    """
+    if server.tls_cert is None or server.tls_key is None:
+        if server.tls_cert is not None or server.tls_key is not None:
+            missing = "tls_key" if server.tls_key is None else "tls_cert"
+            raise ConfigError(f"server.{missing}: tls_cert and tls_key go together")
+        if server.client_ca is not None:
+            raise ConfigError("server.client_ca: needs tls_cert and tls_key (HTTPS)")
+        return
+    try:
+        server_context(server.tls_cert, server.tls_key, server.client_ca)
+    except TlsError as exc:
+        raise ConfigError(f"server.tls_cert: {exc}") from None
 
 
 def _check_ca_file(path: Path | None, key: str) -> None:

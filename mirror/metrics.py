@@ -176,6 +176,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "mirror_tls_reloads",
+            "Reloads of the listener's TLS certificate (SIGHUP, or the files "
+            "changed), by result (ok; failed: the old certificate stays).",
+            ["result"],
+            registry=r,
+        )
         self.repository_denials = Counter(
             "mirror_repository_denials",
             "Requests refused with 403 DENIED by a registry's allow/deny rules.",

@@ -21,6 +21,9 @@ as they are. `serve()` runs the same app with:
   here it becomes one warning a minute and a metric.
 * **An escaped access log**: the request line and User-Agent are escaped
   and cut short, so a client cannot forge log lines.
+* **HTTPS** when `server.tls_cert` and `server.tls_key` are set, reloaded
+  on SIGHUP and when the files change (see mirror/tls.py); a TLS handshake
+  must finish within `server.header_timeout` too.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from mirror.api.errors import API_VERSION_HEADER, ErrorCode, error_response
 from mirror.config import Config, small_blob_slots
 from mirror.logutil import OncePer, escape
 from mirror.metrics import Metrics
+from mirror.tls import ServerTls
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mirror.access")
@@ -299,10 +303,12 @@ async def serve(
     """Serve `app` on config.server.listen until SIGTERM or SIGINT (or until
     cancelled).
 
-    `on_reload` is called on SIGHUP; `started(port)` once listening (the
-    port matters when listening on port 0). Raises OSError if the address
-    cannot be bound.
+    `on_reload` is called on SIGHUP, after the TLS certificate (if any) was
+    reloaded; `started(port)` once listening (the port matters when
+    listening on port 0). Raises OSError if the address cannot be bound,
+    TlsError if the certificate does not load.
     """
+    tls = _server_tls(config, metrics)
     loop = asyncio.get_running_loop()
     previous_handler = loop.get_exception_handler()
     loop.set_exception_handler(_loop_exception_handler(metrics))
@@ -324,9 +330,16 @@ async def serve(
     signals = [signal.SIGTERM, signal.SIGINT]
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
-    if on_reload is not None:
+    if on_reload is not None or tls is not None:
+
+        def hangup() -> None:
+            if tls is not None:
+                tls.reload()
+            if on_reload is not None:
+                on_reload()
+
         signals.append(signal.SIGHUP)
-        loop.add_signal_handler(signal.SIGHUP, on_reload)
+        loop.add_signal_handler(signal.SIGHUP, hangup)
     bad_requests = OncePer(60.0)
 
     def protocol() -> RequestHandler:
@@ -338,22 +351,47 @@ async def serve(
     listen = config.server.listen
     try:
         server = await loop.create_server(
-            protocol, host=listen.host, port=listen.port, backlog=1024
+            protocol,
+            host=listen.host,
+            port=listen.port,
+            backlog=1024,
+            ssl=tls.context if tls is not None else None,
+            ssl_handshake_timeout=config.server.header_timeout if tls else None,
         )
     except OSError:
         await runner.cleanup()
         _restore(loop, signals, previous_handler)
         raise
+    watcher = None
+    interval = config.server.tls_watch_interval
+    if tls is not None and interval > 0:
+        watcher = asyncio.create_task(tls.watch(interval), name="tls watch")
     try:
         if started is not None:
             started(server.sockets[0].getsockname()[1])
         await stop.wait()
         log.info("shutting down")
     finally:
+        if watcher is not None:
+            watcher.cancel()
         server.close()  # no new connections; runner.cleanup ends the open ones
         await runner.cleanup()
         await server.wait_closed()
         _restore(loop, signals, previous_handler)
+
+
+def _server_tls(config: Config, metrics: Metrics) -> ServerTls | None:
+    """The listener's TLS, when a certificate is configured. Raises TlsError."""
+    server = config.server
+    if server.tls_cert is None or server.tls_key is None:
+        return None
+    reloads = metrics.tls_reloads
+    return ServerTls(
+        server.tls_cert,
+        server.tls_key,
+        server.client_ca,
+        on_reload=lambda ok: reloads.labels("ok" if ok else "failed").inc(),
+    )
 
 
 def _restore(

@@ -106,8 +106,16 @@ class CertificateAuthority:
         path.write_bytes(self.pem)
         return path
 
-    def issue(self, hosts: Sequence[str] = LOOPBACK_NAMES) -> ServerCertificate:
-        """A server certificate for ``hosts`` (IP addresses or DNS names)."""
+    def issue(
+        self, hosts: Sequence[str] = LOOPBACK_NAMES, *, client: bool = False
+    ) -> ServerCertificate:
+        """A server certificate for ``hosts`` (IP addresses or DNS names), or
+        with ``client`` one a TLS client presents (mTLS), named ``hosts[0]``."""
+        usage = (
+            ExtendedKeyUsageOID.CLIENT_AUTH
+            if client
+            else ExtendedKeyUsageOID.SERVER_AUTH
+        )
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         public = key.public_key()
@@ -126,9 +134,7 @@ class CertificateAuthority:
             .not_valid_after(now + VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
             .add_extension(_subject_alternative_names(hosts), False)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
-            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), False)
             .add_extension(_key_usage(ca=False), True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
             .add_extension(

@@ -12,157 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mirror.api.server import serve
-from mirror.app import CACHE, METRICS, create_app
-from mirror.config import Address, Config, load_config
 from tests.fakes.registry import FakeRegistry, sha256
+from tests.functional.conftest import Served, ServeFactory, stop_serving
 
 MiB = 1024 * 1024
 BIG = 48 * MiB
-REPOSITORY = "library/app"
-# How long cancelling serve() may take with nothing in flight.
-STOP_TIMEOUT = 10.0
-# An ephemeral port on loopback.
-LOOPBACK_ANY = Address("127.0.0.1", 0)
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-# --- a mirror served on a real socket ----------------------------------------
-
-
-@dataclass
-class Served:
-    """One `serve()` task, its app and its upstream."""
-
-    port: int
-    app: web.Application
-    config: Config
-    upstream: FakeRegistry
-    task: asyncio.Task[None]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def blob_path(self, digest: str) -> str:
-        return f"/v2/{REPOSITORY}/blobs/{digest}"
-
-    def sample(self, name: str, **labels: str) -> float:
-        """A metric's value straight from the app's registry (no connection)."""
-        value = self.app[METRICS].registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
-
-    async def settle(self) -> None:
-        """Wait until downloads are committed and no blob is being sent."""
-        cache = self.app[CACHE]
-        async with asyncio.timeout(30):
-            await cache.idle()
-        for _ in range(2000):
-            if not cache.pins:
-                return
-            await asyncio.sleep(0.005)
-        pytest.fail(f"blobs still pinned after 10 s: {cache.pins}")
-
-    async def until(
-        self, name: str, value: float, within: float, **labels: str
-    ) -> None:
-        """Wait for a metric to reach `value`; fail with what it is instead."""
-        deadline = asyncio.get_running_loop().time() + within
-        while self.sample(name, **labels) != value:
-            if asyncio.get_running_loop().time() > deadline:
-                pytest.fail(
-                    f"{name}{labels} is {self.sample(name, **labels)} after "
-                    f"{within}s, expected {value}"
-                )
-            await asyncio.sleep(0.02)
-
-
-ServeFactory = Callable[..., Awaitable[Served]]
-
-
-@pytest.fixture
-async def start(
-    aiohttp_server: ServerFactory, tmp_path: Path
-) -> AsyncIterator[ServeFactory]:
-    """Start `serve()` tasks in front of a FakeRegistry (or the given one).
-
-    Keyword arguments are config keys: ``server_max_connections="3"``. Each
-    task is cancelled after the test, which fails unless that ends it within
-    STOP_TIMEOUT with CancelledError.
-    """
-    started: list[Served] = []
-    loop = asyncio.get_running_loop()
-
-    async def factory(upstream: FakeRegistry | None = None, **settings: str) -> Served:
-        upstream = upstream or FakeRegistry()
-        server = await aiohttp_server(upstream.app())
-        env = {
-            "MIRROR_UPSTREAM_URL": str(server.make_url("")).rstrip("/"),
-            "MIRROR_CACHE_DIR": str(tmp_path / f"cache{len(started)}"),
-            "MIRROR_UPSTREAM_RETRY_BACKOFF": "0s",
-            **{f"MIRROR_{k.upper()}": v for k, v in settings.items()},
-        }
-        config = load_config(None, env)
-        # server.listen refuses port 0 (parse_address wants 1..65535), so the
-        # ephemeral port is set on the parsed config.
-        config = dataclasses.replace(
-            config, server=dataclasses.replace(config.server, listen=LOOPBACK_ANY)
-        )
-        app = create_app(config)
-        bound: asyncio.Future[int] = loop.create_future()
-        task = asyncio.create_task(
-            serve(app, config, app[METRICS], started=bound.set_result)
-        )
-
-        def ended(task: asyncio.Task[None]) -> None:
-            if not bound.done():  # serve() ended before listening: say why
-                error = None if task.cancelled() else task.exception()
-                bound.set_exception(error or RuntimeError("serve() returned early"))
-
-        task.add_done_callback(ended)
-        async with asyncio.timeout(15):
-            port = await bound
-        served = Served(port, app, config, upstream, task)
-        started.append(served)
-        return served
-
-    try:
-        yield factory
-    finally:
-        for served in reversed(started):
-            await _stop(served.task)
-        # serve() installs handlers it does not remove (see
-        # test_serve_leaves_no_signal_handlers); don't let them outlive it.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        loop.set_exception_handler(None)
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel a serve() task; fail unless it ends promptly by cancellation."""
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
-    if not done:
-        pytest.fail(f"serve() still running {STOP_TIMEOUT}s after cancel()")
-    if not task.cancelled():
-        error = task.exception()
-        pytest.fail(f"serve() ended with {error!r} instead of being cancelled")
 
 
 # --- raw HTTP -----------------------------------------------------------------
@@ -326,7 +194,7 @@ async def test_cancelling_serve_closes_listener_and_connections(
     assert (await read_response(reader)).status == 200  # now idle, kept alive
 
     began = asyncio.get_running_loop().time()
-    await _stop(served.task)
+    await stop_serving(served.task)
     assert asyncio.get_running_loop().time() - began < 5.0
     assert await read_to_eof(reader, within=1.0) == b""
     writer.close()
@@ -339,7 +207,7 @@ async def test_serve_leaves_no_signal_handlers(start: ServeFactory) -> None:
     process that serves again (or a test run), Ctrl-C would be swallowed."""
     loop = asyncio.get_running_loop()
     served = await start()
-    await _stop(served.task)
+    await stop_serving(served.task)
     leftover = [
         signum.name
         for signum in (signal.SIGTERM, signal.SIGINT)

@@ -1,0 +1,269 @@
+"""HTTPS on the listener: `server.tls_cert` / `tls_key`, rotation without a
+restart (on SIGHUP and when the files change), mTLS with `server.client_ca`.
+
+Each test runs `serve()` on a real socket (the `start` fixture) and talks to
+it over TLS with aiohttp or raw `ssl` streams, checking which certificate
+each connection was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mirror.config import ConfigError, load_config
+from tests.fakes.registry import FakeRegistry, sha256
+from tests.fakes.tls import CertificateAuthority, ServerCertificate, TlsFiles
+from tests.functional.conftest import REPOSITORY, Served, ServeFactory
+
+MiB = 1024 * 1024
+
+
+def write(server: ServerCertificate, directory: Path) -> TlsFiles:
+    return TlsFiles.write(server, directory)
+
+
+def tls_settings(files: TlsFiles, **more: str) -> dict[str, str]:
+    return {
+        "server_tls_cert": str(files.cert_file),
+        "server_tls_key": str(files.key_file),
+        **more,
+    }
+
+
+async def peer_certificate(
+    served: Served, context: ssl.SSLContext
+) -> tuple[bytes, asyncio.StreamWriter]:
+    """The DER certificate a new connection is given (the writer stays open)."""
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", served.port, ssl=context
+    )
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True)
+    assert der is not None
+    return der, writer
+
+
+def der(certificate: ServerCertificate) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(certificate.certificate_pem.decode())
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.fixture
+def ca() -> CertificateAuthority:
+    return CertificateAuthority()
+
+
+async def test_serves_https_with_tls_12_or_newer_and_modern_ciphers(
+    start: ServeFactory, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    files = write(ca.issue(), tmp_path / "tls")
+    upstream = FakeRegistry()
+    image = upstream.push_image(REPOSITORY, "1", [b"tls" * 1000])
+    served = await start(upstream, **tls_settings(files))
+    client = files.client_context()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{served.url}/v2/{REPOSITORY}/manifests/1", ssl=client) as r,
+    ):
+        assert r.status == 200
+        assert await r.read() == image.manifest
+    _der, writer = await peer_certificate(served, client)
+    assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+    await close(writer)
+
+    # A TLS 1.2 client offering only suites without forward secrecy or AEAD
+    # is refused; one offering ECDHE with AES-GCM is served.
+    for ciphers, served_ok in (
+        ("AES128-SHA:AES256-SHA256", False),
+        ("ECDHE+AESGCM", True),
+    ):
+        old = files.client_context()
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        old.set_ciphers(ciphers)
+        if served_ok:
+            _der, writer = await peer_certificate(served, old)
+            await close(writer)
+        else:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await peer_certificate(served, old)
+
+
+async def test_plain_http_to_the_https_port_gets_no_http_answer(
+    start: ServeFactory, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    files = write(ca.issue(), tmp_path / "tls")
+    served = await start(**tls_settings(files))
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(5):
+        answer = await reader.read(100)
+    assert not answer.startswith(b"HTTP/")
+    writer.close()
+
+
+async def test_a_certificate_rotated_on_disk_serves_new_connections_and_spares_old(
+    start: ServeFactory, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    first, second = ca.issue(), ca.issue()
+    files = write(first, tmp_path / "tls")
+    upstream = FakeRegistry()
+    data = os.urandom(24 * MiB)
+    digest = upstream.push_image(REPOSITORY, "1", [data]).layers[0]
+    served = await start(
+        upstream, **tls_settings(files, server_tls_watch_interval="50ms")
+    )
+    client = files.client_context()
+    der_before, writer = await peer_certificate(served, client)
+    assert der_before == der(first)
+    await close(writer)
+
+    async with aiohttp.ClientSession() as http:
+        # A download on a connection made with the first certificate...
+        response = await http.get(served.url + served.blob_path(digest), ssl=client)
+        assert response.status == 200
+        head = await response.content.readexactly(MiB)
+        # ...while the files are replaced, key and certificate.
+        write(second, tmp_path / "tls")
+        await served.until("mirror_tls_reloads_total", 1, within=5, result="ok")
+        der_after, writer = await peer_certificate(served, client)
+        assert der_after == der(second)
+        await close(writer)
+        rest = await response.read()
+        assert sha256(head + rest) == digest
+
+
+async def test_sighup_reloads_the_certificate_and_a_bad_one_keeps_the_old(
+    start: ServeFactory,
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = ca.issue(), ca.issue()
+    files = write(first, tmp_path / "tls")
+    served = await start(**tls_settings(files, server_tls_watch_interval="0"))
+    client = files.client_context()
+
+    write(second, tmp_path / "tls")
+    await asyncio.sleep(0.2)  # not watching: nothing changes without a signal
+    der_now, writer = await peer_certificate(served, client)
+    assert der_now == der(first)
+    await close(writer)
+    os.kill(os.getpid(), signal.SIGHUP)
+    await served.until("mirror_tls_reloads_total", 1, within=5, result="ok")
+    der_now, writer = await peer_certificate(served, client)
+    assert der_now == der(second)
+    await close(writer)
+
+    files.key_file.write_bytes(ca.issue().key_pem)  # a key of another cert
+    caplog.set_level(logging.ERROR, logger="mirror.tls")
+    os.kill(os.getpid(), signal.SIGHUP)
+    await served.until("mirror_tls_reloads_total", 1, within=5, result="failed")
+    der_now, writer = await peer_certificate(served, client)
+    assert der_now == der(second)
+    await close(writer)
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "mirror.tls" and r.levelno >= logging.ERROR
+    ]
+    assert lines, "the failed reload was not logged"
+    for line in lines:
+        assert "keeping the current certificate" in line
+        assert "\n" not in line
+
+
+async def test_client_ca_requires_a_client_certificate_it_issued(
+    start: ServeFactory, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    files = write(ca.issue(), tmp_path / "tls")
+    clients = CertificateAuthority("client CA")
+    client_ca = clients.write(tmp_path / "client-ca.pem")
+    served = await start(**tls_settings(files, server_client_ca=str(client_ca)))
+
+    async def status(context: ssl.SSLContext) -> int:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{served.url}/v2/", ssl=context) as response,
+        ):
+            return response.status
+
+    anonymous = files.client_context()
+    with pytest.raises(aiohttp.ClientError):
+        await status(anonymous)
+
+    stranger = write(
+        CertificateAuthority().issue(["node"], client=True), tmp_path / "s"
+    )
+    wrong = files.client_context()
+    wrong.load_cert_chain(stranger.cert_file, stranger.key_file)
+    with pytest.raises(aiohttp.ClientError):
+        await status(wrong)
+
+    node = write(clients.issue(["node-1"], client=True), tmp_path / "node")
+    right = files.client_context()
+    right.load_cert_chain(node.cert_file, node.key_file)
+    assert await status(right) == 200
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"MIRROR_SERVER_TLS_CERT": "{cert}"},
+            "server.tls_key: tls_cert and tls_key go together",
+        ),
+        (
+            {"MIRROR_SERVER_TLS_KEY": "{key}"},
+            "server.tls_cert: tls_cert and tls_key go together",
+        ),
+        ({"MIRROR_SERVER_CLIENT_CA": "{ca}"}, "server.client_ca: needs tls_cert"),
+        (
+            {
+                "MIRROR_SERVER_TLS_CERT": "{tmp}/missing.pem",
+                "MIRROR_SERVER_TLS_KEY": "{key}",
+            },
+            "missing.pem: no such file",
+        ),
+        (
+            {"MIRROR_SERVER_TLS_CERT": "{key}", "MIRROR_SERVER_TLS_KEY": "{key}"},
+            "not a certificate and its key",
+        ),
+        (
+            {
+                "MIRROR_SERVER_TLS_CERT": "{cert}",
+                "MIRROR_SERVER_TLS_KEY": "{key}",
+                "MIRROR_SERVER_CLIENT_CA": "{key}",
+            },
+            "not a PEM CA bundle",
+        ),
+    ],
+    ids=["cert-only", "key-only", "ca-only", "missing", "key-as-cert", "key-as-ca"],
+)
+def test_tls_settings_that_do_not_load_are_one_line_errors(
+    tmp_path: Path, ca: CertificateAuthority, settings: dict[str, str], message: str
+) -> None:
+    files = write(ca.issue(), tmp_path / "tls")
+    names = {
+        "cert": str(files.cert_file),
+        "key": str(files.key_file),
+        "ca": str(files.ca_file),
+        "tmp": str(tmp_path),
+    }
+    environ = {k: v.format(**names) for k, v in settings.items()}
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, environ)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
