@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mirror.api.clientauth import ClientAuth, auth_middleware
 from mirror.api.errors import error_middleware
 from mirror.api.handlers import RegistryHandlers
 from mirror.api.routes import add_routes, metrics_middleware
@@ -109,7 +110,11 @@ def create_app(
     )
     handlers = RegistryHandlers(cache, metrics, send_timeout=config.server.send_timeout)
 
-    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware])
+    middlewares = [metrics_middleware(metrics), error_middleware]
+    if config.auth.htpasswd is not None:
+        auth = ClientAuth(config.auth.htpasswd, metrics, clock=monotonic)
+        middlewares.append(auth_middleware(auth))
+    app = web.Application(middlewares=middlewares)
     app.on_response_prepare.append(echo_namespace)
     app[CACHE] = cache
     app[METRICS] = metrics

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror.htpasswd import HtpasswdError, read_htpasswd
 from mirror.tls import TlsError, server_context
 
 DOCKER_HUB = "https://registry-1.docker.io"
@@ -480,6 +481,15 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    htpasswd: Path | None = _key(
+        parse_path,
+        None,
+        "htpasswd file of bcrypt entries: /v2/ requests must log in as one",
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _key(
         parse_choice("debug", "info", "warning", "error"), "info", "log level"
@@ -506,6 +516,7 @@ class Config:
     # Docker Hub, and the process-wide upstream bounds.
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Every registry other than docker.io, sorted by host.
     registries: tuple[RegistryConfig, ...] = ()
@@ -522,6 +533,7 @@ SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "upstream": UpstreamConfig,
     "cache": CacheConfig,
+    "auth": AuthConfig,
     "log": LogConfig,
 }
 
@@ -603,6 +615,7 @@ def load_config(
             values["dir"] = default_cache_dir(environ)
         sections[section] = cls(**values)
     _check_tls(sections["server"])
+    _check_htpasswd(sections["auth"].htpasswd)
     upstream = _read_password(sections["upstream"], "upstream")
     _check_ca_file(upstream.ca_file, "upstream.ca_file")
     _check_docker_io_patterns(upstream)
@@ -850,6 +863,16 @@ def _check_tls(server: ServerConfig) -> None:
         server_context(server.tls_cert, server.tls_key, server.client_ca)
     except TlsError as exc:
         raise ConfigError(f"server.tls_cert: {exc}") from None
+
+
+def _check_htpasswd(path: Path | None) -> None:
+    """The htpasswd file must load now. Raises ConfigError."""
+    if path is None:
+        return
+    try:
+        read_htpasswd(path)
+    except HtpasswdError as exc:
+        raise ConfigError(f"auth.htpasswd: {exc}") from None
 
 
 def _check_ca_file(path: Path | None, key: str) -> None:

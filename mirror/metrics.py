@@ -176,6 +176,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.client_auth = Counter(
+            "mirror_client_auth",
+            "Client logins checked against auth.htpasswd, by result (verified: "
+            "bcrypt said yes; cached: a recently verified login; missing: no "
+            "credentials; rejected: wrong ones; throttled: refused for too "
+            "many failures from the address).",
+            ["result"],
+            registry=r,
+        )
         self.tls_reloads = Counter(
             "mirror_tls_reloads",
             "Reloads of the listener's TLS certificate (SIGHUP, or the files "
