@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from mirror.api.clientauth import ClientAuth, auth_middleware
+from mirror.api.clients import ClientPolicy, client_middleware
 from mirror.api.errors import error_middleware
 from mirror.api.handlers import RegistryHandlers
 from mirror.api.routes import add_routes, metrics_middleware
@@ -110,7 +111,11 @@ def create_app(
     )
     handlers = RegistryHandlers(cache, metrics, send_timeout=config.server.send_timeout)
 
-    middlewares = [metrics_middleware(metrics), error_middleware]
+    middlewares = [metrics_middleware(metrics)]
+    server = config.server
+    if server.allow_from or server.trusted_proxies or server.max_requests_per_client:
+        middlewares.append(client_middleware(ClientPolicy(server, metrics)))
+    middlewares.append(error_middleware)
     if config.auth.htpasswd is not None:
         auth = ClientAuth(config.auth.htpasswd, metrics, clock=monotonic)
         middlewares.append(auth_middleware(auth))

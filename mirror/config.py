@@ -231,6 +231,29 @@ def parse_hosts(value: object) -> tuple[str, ...]:
     raise ValueError(f"{value!r} is not a list of host names")
 
 
+def parse_networks(
+    value: object,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or single addresses: a TOML
+    array, or a comma-separated string (environment)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(i, str) for i in items
+    ):
+        raise ValueError(f"{value!r} is not a list of networks")
+    networks = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not a network (use e.g. 10.0.0.0/8 or 192.0.2.7)"
+            ) from None
+    return tuple(networks)
+
+
 # One component of a domain name in the reference grammar: letters, digits and
 # inner hyphens. Matched after lower-casing.
 _DOMAIN_COMPONENT = r"(?:[a-z0-9]|[a-z0-9][a-z0-9-]*[a-z0-9])"
@@ -369,6 +392,21 @@ class ServerConfig:
         parse_path,
         None,
         "PEM CA bundle: clients must present a certificate it issued (mTLS)",
+    )
+    allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
+        parse_networks,
+        (),
+        "client networks (CIDRs) that may use the mirror; empty: every one",
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
+        parse_networks,
+        (),
+        "proxies (CIDRs) whose X-Forwarded-For names the client",
+    )
+    max_requests_per_client: int = _key(
+        parse_int,
+        0,
+        "requests one client address may have in flight; more get 429 (0: no bound)",
     )
     tls_watch_interval: float = _key(
         parse_duration,

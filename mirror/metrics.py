@@ -176,6 +176,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.client_refusals = Counter(
+            "mirror_client_refusals",
+            "Requests refused for who sent them, by reason (address: not in "
+            "server.allow_from, 403; busy: server.max_requests_per_client "
+            "in flight already, 429).",
+            ["reason"],
+            registry=r,
+        )
         self.client_auth = Counter(
             "mirror_client_auth",
             "Client logins checked against auth.htpasswd, by result (verified: "

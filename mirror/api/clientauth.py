@@ -40,6 +40,7 @@ import bcrypt
 from aiohttp import web
 from cachetools import TTLCache
 
+from mirror.api.clients import CLIENT
 from mirror.api.errors import ErrorCode, Handler, error_response
 from mirror.api.routes import Middleware
 from mirror.htpasswd import HtpasswdError, read_htpasswd
@@ -123,7 +124,7 @@ class ClientAuth:
     async def check(self, request: web.Request) -> web.StreamResponse | None:
         """None if the request may go on, else the response to send."""
         self._refresh()
-        address = request.remote or ""
+        address = request.get(CLIENT) or request.remote or ""
         failures = self._failures.get(address)
         if failures is not None and failures.count >= _MAX_FAILURES:
             self._count("throttled")

@@ -40,6 +40,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
+from mirror.api.clients import CLIENT
 from mirror.api.errors import API_VERSION_HEADER, ErrorCode, error_response
 from mirror.config import Config, small_blob_slots
 from mirror.logutil import OncePer, escape
@@ -224,7 +225,8 @@ class AccessLogger(AbstractAccessLogger):
         line = f"{request.method} {request.path_qs} HTTP/{version}"
         self.logger.info(
             '%s "%s" %d %d %.6f "%s"',
-            request.remote,
+            # The client behind a trusted proxy, when there is one.
+            request.get(CLIENT) or request.remote,
             escape(line, 512),
             response.status,
             response.body_length,
