@@ -24,7 +24,7 @@ from mirror.api.clientauth import ClientAuth, auth_middleware
 from mirror.api.clients import ClientPolicy, client_middleware
 from mirror.api.errors import error_middleware
 from mirror.api.handlers import RegistryHandlers
-from mirror.api.routes import add_routes, metrics_middleware
+from mirror.api.routes import add_operations_routes, add_routes, metrics_middleware
 from mirror.api.routing import echo_namespace
 from mirror.api.server import serve
 from mirror.cache.blobs import BlobStore
@@ -43,6 +43,8 @@ CACHE = web.AppKey("cache", PullThroughCache)
 METRICS = web.AppKey("metrics", Metrics)
 EVICTOR = web.AppKey("evictor", Evictor)
 RELOAD: web.AppKey[Callable[[Config], list[str]]] = web.AppKey("reload")
+# /metrics, /healthz and /readyz, when server.admin_listen serves them.
+ADMIN = web.AppKey("admin", web.Application)
 # Keys a SIGHUP applies without a restart.
 RELOADABLE_KEYS = frozenset(
     {
@@ -112,9 +114,9 @@ def create_app(
     handlers = RegistryHandlers(cache, metrics, send_timeout=config.server.send_timeout)
 
     middlewares = [metrics_middleware(metrics)]
-    server = config.server
-    if server.allow_from or server.trusted_proxies or server.max_requests_per_client:
-        middlewares.append(client_middleware(ClientPolicy(server, metrics)))
+    policy = ClientPolicy.of(config.server, metrics)
+    if policy is not None:
+        middlewares.append(client_middleware(policy))
     middlewares.append(error_middleware)
     if config.auth.htpasswd is not None:
         auth = ClientAuth(config.auth.htpasswd, metrics, clock=monotonic)
@@ -124,7 +126,10 @@ def create_app(
     app[CACHE] = cache
     app[METRICS] = metrics
     app[EVICTOR] = evictor
-    add_routes(app, handlers)
+    separate = config.server.admin_listen is not None
+    add_routes(app, handlers, operations=not separate)
+    if separate:
+        app[ADMIN] = _admin_app(config, handlers, metrics)
     current = config
 
     def reload(new: Config) -> list[str]:
@@ -192,7 +197,23 @@ async def run(
         config,
         app[METRICS],
         on_reload=(lambda: on_reload(app)) if on_reload is not None else None,
+        admin=app.get(ADMIN),
     )
+
+
+def _admin_app(
+    config: Config, handlers: RegistryHandlers, metrics: Metrics
+) -> web.Application:
+    """The operations endpoints on a listener of their own, with its own
+    allow-list (server.admin_allow_from)."""
+    middlewares = []
+    if config.server.admin_allow_from:
+        policy = ClientPolicy(metrics, allow_from=config.server.admin_allow_from)
+        middlewares.append(client_middleware(policy))
+    admin = web.Application(middlewares=[*middlewares, error_middleware])
+    add_operations_routes(admin, handlers)
+    admin.router.add_route("*", "/{tail:.*}", handlers.unsupported)
+    return admin
 
 
 async def _housekeeping(

@@ -106,7 +106,7 @@ def serve(config: Config, config_path: Path | None) -> int:
             )
         )
     except OSError as exc:
-        print(f"mirror: cannot listen on {listen}: {exc.strerror}", file=sys.stderr)
+        print(f"mirror: {exc.strerror}", file=sys.stderr)
         return 1
     except TlsError as exc:  # the files changed since the config was checked
         print(f"mirror: server.tls_cert: {exc}", file=sys.stderr)

@@ -408,6 +408,20 @@ class ServerConfig:
         0,
         "requests one client address may have in flight; more get 429 (0: no bound)",
     )
+    admin_listen: Address | None = _key(
+        parse_address,
+        None,
+        "address for /metrics, /healthz and /readyz apart from the registry port",
+    )
+    admin_tls_cert: Path | None = _key(
+        parse_path, None, "PEM certificate for HTTPS on admin_listen"
+    )
+    admin_tls_key: Path | None = _key(parse_path, None, "PEM key of admin_tls_cert")
+    admin_allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _key(
+        parse_networks,
+        (),
+        "networks (CIDRs) that may use admin_listen; empty: every one",
+    )
     tls_watch_interval: float = _key(
         parse_duration,
         10.0,
@@ -886,21 +900,36 @@ def _read_password(upstream: UpstreamConfig, owner: str) -> UpstreamConfig:
 
 
 def _check_tls(server: ServerConfig) -> None:
-    """The listener's certificate must load now, not at the first client.
+    """The listeners' certificates must load now, not at the first client.
 
     Raises ConfigError.
     """
-    if server.tls_cert is None or server.tls_key is None:
-        if server.tls_cert is not None or server.tls_key is not None:
-            missing = "tls_key" if server.tls_key is None else "tls_cert"
-            raise ConfigError(f"server.{missing}: tls_cert and tls_key go together")
-        if server.client_ca is not None:
-            raise ConfigError("server.client_ca: needs tls_cert and tls_key (HTTPS)")
+    if server.client_ca is not None and server.tls_cert is None:
+        raise ConfigError("server.client_ca: needs tls_cert and tls_key (HTTPS)")
+    _check_pair(server.tls_cert, server.tls_key, server.client_ca, "")
+    _check_pair(server.admin_tls_cert, server.admin_tls_key, None, "admin_")
+    admin = (server.admin_tls_cert, server.admin_tls_key, server.admin_allow_from)
+    if server.admin_listen is None and any(admin):
+        raise ConfigError("server.admin_listen: admin_* keys need admin_listen")
+    if server.admin_listen is not None and server.admin_listen == server.listen:
+        raise ConfigError("server.admin_listen: must differ from server.listen")
+
+
+def _check_pair(
+    cert: Path | None, key: Path | None, client_ca: Path | None, prefix: str
+) -> None:
+    """A certificate and its key: both or neither, and they load."""
+    if cert is None or key is None:
+        if cert is not None or key is not None:
+            missing = f"{prefix}tls_key" if key is None else f"{prefix}tls_cert"
+            raise ConfigError(
+                f"server.{missing}: {prefix}tls_cert and {prefix}tls_key go together"
+            )
         return
     try:
-        server_context(server.tls_cert, server.tls_key, server.client_ca)
+        server_context(cert, key, client_ca)
     except TlsError as exc:
-        raise ConfigError(f"server.tls_cert: {exc}") from None
+        raise ConfigError(f"server.{prefix}tls_cert: {exc}") from None
 
 
 def _check_htpasswd(path: Path | None) -> None:

@@ -53,12 +53,35 @@ def _within(address: Address, networks: tuple[Network, ...]) -> bool:
 class ClientPolicy:
     """The address rules of `[server]`; see the module docstring."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
-        self._allow = config.allow_from
-        self._proxies = config.trusted_proxies
-        self._limit = config.max_requests_per_client
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        allow_from: tuple[Network, ...] = (),
+        trusted_proxies: tuple[Network, ...] = (),
+        max_in_flight: int = 0,
+    ) -> None:
+        self._allow = allow_from
+        self._proxies = trusted_proxies
+        self._limit = max_in_flight
         self._metrics = metrics
         self._in_flight: Counter[str] = Counter()
+
+    @classmethod
+    def of(cls, config: ServerConfig, metrics: Metrics) -> ClientPolicy | None:
+        """The registry port's policy; None when it has no rule to apply."""
+        if not (
+            config.allow_from
+            or config.trusted_proxies
+            or config.max_requests_per_client
+        ):
+            return None
+        return cls(
+            metrics,
+            allow_from=config.allow_from,
+            trusted_proxies=config.trusted_proxies,
+            max_in_flight=config.max_requests_per_client,
+        )
 
     def address(self, request: web.Request) -> Address | None:
         """The client's address (None if it cannot be told)."""

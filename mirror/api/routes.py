@@ -24,7 +24,12 @@ async def _ignore_expect(request: web.Request) -> None:
     default answers an unknown one with a plain-text 417)."""
 
 
-def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
+def add_routes(
+    app: web.Application, handlers: RegistryHandlers, *, operations: bool = True
+) -> None:
+    """The registry API, and with `operations` /metrics, /healthz and
+    /readyz too (unless they have a listener of their own)."""
+
     def get(path: str, handler: Handler, name: str | None = None) -> None:
         app.router.add_get(path, handler, name=name, expect_handler=_ignore_expect)
 
@@ -34,9 +39,8 @@ def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
     get(f"/v2/{_NAME}/blobs/{{digest}}", handlers.blob, "blob")
     get(f"/v2/{_NAME}/tags/list", handlers.tags, "tags")
     get(f"/v2/{_NAME}/referrers/{{digest}}", handlers.referrers, "referrers")
-    get("/metrics", handlers.metrics_page, "metrics")
-    get("/healthz", handlers.healthz, "healthz")
-    get("/readyz", handlers.readyz, "readyz")
+    if operations:
+        add_operations_routes(app, handlers)
     # Everything else under /v2/: 405 UNSUPPORTED for writes, 404 for reads.
     app.router.add_route(
         "*",
@@ -51,6 +55,16 @@ def add_routes(app: web.Application, handlers: RegistryHandlers) -> None:
     app.router.add_route(
         "*", "/{tail:.*}", handlers.unsupported, expect_handler=_ignore_expect
     )
+
+
+def add_operations_routes(app: web.Application, handlers: RegistryHandlers) -> None:
+    """/metrics, /healthz and /readyz; every other path is a 404 NOT_FOUND."""
+    for path, handler, name in (
+        ("/metrics", handlers.metrics_page, "metrics"),
+        ("/healthz", handlers.healthz, "healthz"),
+        ("/readyz", handlers.readyz, "readyz"),
+    ):
+        app.router.add_get(path, handler, name=name, expect_handler=_ignore_expect)
 
 
 def metrics_middleware(metrics: Metrics) -> Middleware:

@@ -301,16 +301,22 @@ async def serve(
     *,
     on_reload: Callable[[], None] | None = None,
     started: Callable[[int], None] | None = None,
+    admin: web.Application | None = None,
+    admin_started: Callable[[int], None] | None = None,
 ) -> None:
     """Serve `app` on config.server.listen until SIGTERM or SIGINT (or until
     cancelled).
 
     `on_reload` is called on SIGHUP, after the TLS certificate (if any) was
     reloaded; `started(port)` once listening (the port matters when
-    listening on port 0). Raises OSError if the address cannot be bound,
-    TlsError if the certificate does not load.
+    listening on port 0). `admin`, the operations app, is served on
+    server.admin_listen (`admin_started(port)` once listening). Raises
+    OSError if an address cannot be bound, TlsError if a certificate does
+    not load.
     """
     tls = _server_tls(config, metrics)
+    admin_tls = _admin_tls(config, metrics) if admin is not None else None
+    tlses = [t for t in (tls, admin_tls) if t is not None]
     loop = asyncio.get_running_loop()
     previous_handler = loop.get_exception_handler()
     loop.set_exception_handler(_loop_exception_handler(metrics))
@@ -332,11 +338,11 @@ async def serve(
     signals = [signal.SIGTERM, signal.SIGINT]
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
-    if on_reload is not None or tls is not None:
+    if on_reload is not None or tlses:
 
         def hangup() -> None:
-            if tls is not None:
-                tls.reload()
+            for each in tlses:
+                each.reload()
             if on_reload is not None:
                 on_reload()
 
@@ -360,22 +366,32 @@ async def serve(
             ssl=tls.context if tls is not None else None,
             ssl_handshake_timeout=config.server.header_timeout if tls else None,
         )
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
         _restore(loop, signals, previous_handler)
-        raise
-    watcher = None
+        raise ListenError(f"server.listen {listen}", exc) from exc
+    admin_runner = None
+    watchers = []
     interval = config.server.tls_watch_interval
-    if tls is not None and interval > 0:
-        watcher = asyncio.create_task(tls.watch(interval), name="tls watch")
+    if interval > 0:
+        watchers = [
+            asyncio.create_task(each.watch(interval), name="tls watch")
+            for each in tlses
+        ]
     try:
+        if admin is not None:
+            admin_runner = await _serve_admin(admin, config, admin_tls)
+            if admin_started is not None:
+                admin_started(_bound_port(admin_runner))
         if started is not None:
             started(server.sockets[0].getsockname()[1])
         await stop.wait()
         log.info("shutting down")
     finally:
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         server.close()  # no new connections; runner.cleanup ends the open ones
         await runner.cleanup()
         await server.wait_closed()
@@ -394,6 +410,61 @@ def _server_tls(config: Config, metrics: Metrics) -> ServerTls | None:
         server.client_ca,
         on_reload=lambda ok: reloads.labels("ok" if ok else "failed").inc(),
     )
+
+
+class ListenError(OSError):
+    """An address could not be bound; `str()` says which and why."""
+
+    def __init__(self, what: str, cause: OSError) -> None:
+        super().__init__(cause.errno, f"cannot listen on {what}: {cause.strerror}")
+
+
+def _admin_tls(config: Config, metrics: Metrics) -> ServerTls | None:
+    """The admin listener's TLS, if it has a certificate. Raises TlsError."""
+    server = config.server
+    if server.admin_tls_cert is None or server.admin_tls_key is None:
+        return None
+    reloads = metrics.tls_reloads
+    return ServerTls(
+        server.admin_tls_cert,
+        server.admin_tls_key,
+        on_reload=lambda ok: reloads.labels("ok" if ok else "failed").inc(),
+    )
+
+
+async def _serve_admin(
+    admin: web.Application, config: Config, tls: ServerTls | None
+) -> web.AppRunner:
+    """Listen on server.admin_listen. Raises OSError if it cannot be bound."""
+    listen = config.server.admin_listen
+    assert listen is not None  # noqa: S101 - admin is only built with it
+    runner = web.AppRunner(
+        admin,
+        handle_signals=False,
+        access_log=None,  # scrapes every few seconds would drown the log
+        keepalive_timeout=config.server.header_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        listen.host,
+        listen.port,
+        ssl_context=tls.context if tls is not None else None,
+        backlog=64,
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"server.admin_listen {listen}", exc) from exc
+    log.info("serving /metrics, /healthz and /readyz on %s", listen)
+    return runner
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        return int(address[1])
+    raise RuntimeError("admin listener has no address")
 
 
 def _restore(

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.api.server import serve
-from mirror.app import CACHE, METRICS, create_app
+from mirror.app import ADMIN, CACHE, METRICS, create_app
 from mirror.config import Address, Config, load_config
 from tests.fakes.registry import FakeRegistry
 
@@ -40,6 +40,7 @@ class Served:
     config: Config
     upstream: FakeRegistry
     task: asyncio.Task[None]
+    admin_port: int | None = None  # server.admin_listen's, when it is set
 
     @property
     def url(self) -> str:
@@ -110,10 +111,23 @@ async def start(
         config = dataclasses.replace(
             config, server=dataclasses.replace(config.server, listen=LOOPBACK_ANY)
         )
+        if config.server.admin_listen is not None:
+            config = dataclasses.replace(
+                config,
+                server=dataclasses.replace(config.server, admin_listen=LOOPBACK_ANY),
+            )
         app = create_app(config)
         bound: asyncio.Future[int] = loop.create_future()
+        admin_bound: asyncio.Future[int] = loop.create_future()
         task = asyncio.create_task(
-            serve(app, config, app[METRICS], started=bound.set_result)
+            serve(
+                app,
+                config,
+                app[METRICS],
+                started=bound.set_result,
+                admin=app.get(ADMIN),
+                admin_started=admin_bound.set_result,
+            )
         )
 
         def ended(task: asyncio.Task[None]) -> None:
@@ -124,7 +138,8 @@ async def start(
         task.add_done_callback(ended)
         async with asyncio.timeout(15):
             port = await bound
-        served = Served(port, app, config, upstream, task)
+        admin_port = await admin_bound if ADMIN in app else None
+        served = Served(port, app, config, upstream, task, admin_port)
         started.append(served)
         return served
 
