@@ -121,7 +121,8 @@ def reload_config(apply: Callable[[Config], list[str]], path: Path | None) -> No
     keeps running on the old one.
     """
     try:
-        config = load_config(path, os.environ)
+        # The certificates are the TLS reload's to check and report.
+        config = load_config(path, os.environ, load_certificates=False)
     except ConfigError as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         return

@@ -633,12 +633,16 @@ def _registry_keys() -> list[tuple[str, Callable[[object], Any], str, str]]:
 
 
 def load_config(
-    path: Path | None = None, environ: Mapping[str, str] | None = None
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    load_certificates: bool = True,
 ) -> Config:
     """Read `path` (optional), apply `MIRROR_*` overrides from `environ`.
 
     Raises ConfigError for an unreadable file, bad TOML, an unknown section,
-    key or variable, or a value its parser rejects.
+    key or variable, or a value its parser rejects; and for a certificate
+    that does not load, unless not `load_certificates`.
     """
     environ = os.environ if environ is None else environ
     raw = _read_file(path) if path is not None else {}
@@ -666,7 +670,7 @@ def load_config(
         if section == "cache" and "dir" not in values:
             values["dir"] = default_cache_dir(environ)
         sections[section] = cls(**values)
-    _check_tls(sections["server"])
+    _check_tls(sections["server"], load=load_certificates)
     _check_htpasswd(sections["auth"].htpasswd)
     upstream = _read_password(sections["upstream"], "upstream")
     _check_ca_file(upstream.ca_file, "upstream.ca_file")
@@ -899,15 +903,17 @@ def _read_password(upstream: UpstreamConfig, owner: str) -> UpstreamConfig:
     return dataclasses.replace(upstream, password=password)
 
 
-def _check_tls(server: ServerConfig) -> None:
-    """The listeners' certificates must load now, not at the first client.
+def _check_tls(server: ServerConfig, *, load: bool = True) -> None:
+    """The listeners' certificates must load now, not at the first client
+    (unless not `load`: a SIGHUP reloads them on its own, and a certificate
+    mid-rotation must not hold back the rest of the configuration).
 
     Raises ConfigError.
     """
     if server.client_ca is not None and server.tls_cert is None:
         raise ConfigError("server.client_ca: needs tls_cert and tls_key (HTTPS)")
-    _check_pair(server.tls_cert, server.tls_key, server.client_ca, "")
-    _check_pair(server.admin_tls_cert, server.admin_tls_key, None, "admin_")
+    _check_pair(server.tls_cert, server.tls_key, server.client_ca, "", load)
+    _check_pair(server.admin_tls_cert, server.admin_tls_key, None, "admin_", load)
     admin = (server.admin_tls_cert, server.admin_tls_key, server.admin_allow_from)
     if server.admin_listen is None and any(admin):
         raise ConfigError("server.admin_listen: admin_* keys need admin_listen")
@@ -916,7 +922,11 @@ def _check_tls(server: ServerConfig) -> None:
 
 
 def _check_pair(
-    cert: Path | None, key: Path | None, client_ca: Path | None, prefix: str
+    cert: Path | None,
+    key: Path | None,
+    client_ca: Path | None,
+    prefix: str,
+    load: bool,
 ) -> None:
     """A certificate and its key: both or neither, and they load."""
     if cert is None or key is None:
@@ -925,6 +935,8 @@ def _check_pair(
             raise ConfigError(
                 f"server.{missing}: {prefix}tls_cert and {prefix}tls_key go together"
             )
+        return
+    if not load:
         return
     try:
         server_context(cert, key, client_ca)

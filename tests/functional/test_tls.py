@@ -18,7 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirror.config import ConfigError, load_config
+from mirror.cli import reload_config
+from mirror.config import Config, ConfigError, load_config
 from tests.fakes.registry import FakeRegistry, sha256
 from tests.fakes.tls import CertificateAuthority, ServerCertificate, TlsFiles
 from tests.functional.conftest import REPOSITORY, Served, ServeFactory
@@ -267,3 +268,42 @@ def test_tls_settings_that_do_not_load_are_one_line_errors(
         load_config(None, environ)
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_a_reload_does_not_hold_the_configuration_back_on_a_bad_certificate(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    """SIGHUP re-reads the config without loading the certificates (the TLS
+    reload reports those on its own): mid-rotation, the rest still applies."""
+    files = write(ca.issue(), tmp_path / "tls")
+    files.key_file.write_bytes(ca.issue().key_pem)  # not the cert's key
+    environ = {
+        "MIRROR_SERVER_TLS_CERT": str(files.cert_file),
+        "MIRROR_SERVER_TLS_KEY": str(files.key_file),
+        "MIRROR_CACHE_TAG_TTL": "1m",
+    }
+    with pytest.raises(ConfigError):
+        load_config(None, environ)
+    assert load_config(None, environ, load_certificates=False).cache.tag_ttl == 60
+
+
+def test_sighup_applies_other_keys_while_the_certificate_is_mid_rotation(
+    tmp_path: Path, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = write(ca.issue(), tmp_path / "tls")
+    files.key_file.write_bytes(ca.issue().key_pem)
+    config_file = tmp_path / "mirror.toml"
+    config_file.write_text(
+        f'[server]\ntls_cert = "{files.cert_file}"\ntls_key = "{files.key_file}"\n'
+        '[cache]\ntag_ttl = "2m"\n'
+    )
+    for name in [n for n in os.environ if n.startswith("MIRROR_")]:
+        monkeypatch.delenv(name)
+    applied: list[Config] = []
+
+    def apply(config: Config) -> list[str]:
+        applied.append(config)
+        return []
+
+    reload_config(apply, config_file)
+    assert [c.cache.tag_ttl for c in applied] == [120.0]

@@ -8,6 +8,11 @@ with ``--hosts-dir``; an ``http://`` host in it needs no ``--plain-http``.
 containerd appends ``?ns=<registry>`` to every request it sends to a mirror
 host and does not ping ``/v2/``.
 
+For a mirror serving HTTPS, ``hosts.toml`` names the CA that signed its
+certificate (``ca``) and, when it requires client certificates, the one ctr
+presents (``client = [["cert", "key"]]``); ctr reads both with the rest of
+``--hosts-dir`` and verifies the mirror against that CA.
+
 When the mirror fails, containerd tries the ``server`` of ``hosts.toml``
 next. That is a ``ClosedPort`` here, and so are the proxies in the daemon's
 and ``ctr``'s environment, so a fallback fails at once instead of reaching
@@ -22,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .mirror_process import toml_string
 from .tools import ClosedPort, Completed, ManagedProcess, run
 
 SNAPSHOTTER = "native"
@@ -40,14 +46,31 @@ def containerd_config(directory: Path) -> str:
     )
 
 
-def hosts_toml(mirror_url: str, server: str) -> str:
-    """Resolve and pull through ``mirror_url``; fall back to ``server``."""
-    return (
+def hosts_toml(
+    mirror_url: str,
+    server: str,
+    *,
+    ca: Path | None = None,
+    client: tuple[Path, Path] | None = None,
+) -> str:
+    """Resolve and pull through ``mirror_url``; fall back to ``server``.
+
+    ``ca``: the PEM CA an ``https://`` mirror's certificate is verified
+    against; ``client``: (certificate, key) presented to a mirror requiring
+    client certificates.
+    """
+    text = (
         f'server = "{server}"\n'
         "\n"
         f'[host."{mirror_url}"]\n'
         '  capabilities = ["pull", "resolve"]\n'
     )
+    if ca is not None:
+        text += f"  ca = {toml_string(str(ca))}\n"
+    if client is not None:
+        cert, key = (toml_string(str(path)) for path in client)
+        text += f"  client = [[{cert}, {key}]]\n"
+    return text
 
 
 @dataclass
@@ -60,6 +83,10 @@ class Containerd:
     mirror_url: str
     registries: tuple[str, ...] = ("docker.io",)
     """Registries whose ``hosts.toml`` sends them through the mirror."""
+    ca_file: Path | None = None
+    """The CA of an ``https://`` mirror's certificate (``ca`` in hosts.toml)."""
+    client_cert: tuple[Path, Path] | None = None
+    """(certificate, key) ctr presents to the mirror (``client``)."""
     process: ManagedProcess | None = None
     socket_path: Path = field(init=False)
     hosts_dir: Path = field(init=False)
@@ -78,7 +105,12 @@ class Containerd:
             host_dir = self.hosts_dir / registry
             host_dir.mkdir(parents=True, exist_ok=True)
             (host_dir / "hosts.toml").write_text(
-                hosts_toml(self.mirror_url, self.closed.url)
+                hosts_toml(
+                    self.mirror_url,
+                    self.closed.url,
+                    ca=self.ca_file,
+                    client=self.client_cert,
+                )
             )
         self.process = ManagedProcess(
             name="containerd",
@@ -120,15 +152,40 @@ class Containerd:
             env=self.closed.environment(),
         )
 
+    def write_hosts(
+        self,
+        name: str,
+        *,
+        registry: str = "docker.io",
+        ca: Path | None = None,
+        client: tuple[Path, Path] | None = None,
+    ) -> Path:
+        """Another hosts directory, ``name``, sending ``registry`` to the
+        mirror with these ``ca`` and ``client`` settings (for a ``pull``
+        configured differently from the daemon's own directory)."""
+        directory = self.directory / name
+        host_dir = directory / registry
+        host_dir.mkdir(parents=True, exist_ok=True)
+        (host_dir / "hosts.toml").write_text(
+            hosts_toml(self.mirror_url, self.closed.url, ca=ca, client=client)
+        )
+        return directory
+
     async def pull(
-        self, reference: str, *extra: str, time_limit: float = 90.0, check: bool = True
+        self,
+        reference: str,
+        *extra: str,
+        time_limit: float = 90.0,
+        check: bool = True,
+        hosts_dir: Path | None = None,
     ) -> Completed:
-        """``ctr images pull`` through the mirror (``extra``: more flags)."""
+        """``ctr images pull`` through the mirror (``extra``: more flags),
+        configured by ``hosts_dir`` (default: the daemon's, from start)."""
         return await self.ctr_run(
             "images",
             "pull",
             "--hosts-dir",
-            str(self.hosts_dir),
+            str(hosts_dir or self.hosts_dir),
             "--snapshotter",
             SNAPSHOTTER,
             *extra,

@@ -15,6 +15,11 @@ connection. The mirror's address is also an ``--insecure-registry``, so images
 named by a path through it (``127.0.0.1:PORT/ghcr.io/owner/app:1``) pull over
 plain HTTP; dockerd treats 127.0.0.0/8 that way by default, and saying so
 keeps it from being an accident.
+
+An ``https://`` mirror URL makes dockerd speak TLS to the mirror, but on
+127.0.0.0/8 it does not verify the certificate: an insecure registry gets
+InsecureSkipVerify, and ``/etc/docker/certs.d/<host:port>/`` is read only
+for secure ones (there is no flag to point dockerd at another certs.d).
 """
 
 from __future__ import annotations

@@ -5,16 +5,24 @@ upstream, starts ``python -m mirror serve --config FILE`` from the repository
 root with the interpreter running pytest, waits for ``GET /v2/`` to answer
 200, and stops it with SIGTERM. The daemon's output goes to a log file that
 fixtures attach to failing tests.
+
+Given ``tls`` (the files of a test CA's server certificate) it serves HTTPS
+(``[server] tls_cert`` / ``tls_key``), and with ``client_ca`` it requires
+client certificates; the readiness probe then speaks HTTPS, trusting the CA
+and presenting ``client_cert``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.fakes.tls import TlsFiles
 
 from .tools import ManagedProcess, ProcessDied, free_port, http_status
 
@@ -28,11 +36,20 @@ def toml_string(value: str) -> str:
 
 
 def mirror_config(
-    *, port: int, upstream_url: str, cache_dir: Path, extra: str, upstream: str = ""
+    *,
+    port: int,
+    upstream_url: str,
+    cache_dir: Path,
+    extra: str,
+    upstream: str = "",
+    server: str = "",
 ) -> str:
+    """The generated config; ``server`` lines land in ``[server]``,
+    ``upstream`` ones in ``[upstream]`` and ``extra`` after ``[cache] dir``."""
     return (
         "[server]\n"
         f"listen = {toml_string(f'127.0.0.1:{port}')}\n"
+        f"{server}"
         "\n[upstream]\n"
         f"url = {toml_string(upstream_url)}\n"
         f"{upstream}"
@@ -56,6 +73,17 @@ def mirror_environment() -> dict[str, str]:
     }
 
 
+def client_context(
+    ca_file: Path, client_cert: tuple[Path, Path] | None = None
+) -> ssl.SSLContext:
+    """A TLS client context trusting ``ca_file`` (and the system store) and,
+    for mTLS, presenting ``client_cert`` (certificate file, key file)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
+    return context
+
+
 def launch(
     render: Callable[[int], str],
     *,
@@ -63,15 +91,24 @@ def launch(
     log_path: Path,
     timeout: float,
     attempts: int = 3,
+    ca_file: Path | None = None,
+    client_cert: tuple[Path, Path] | None = None,
 ) -> tuple[ManagedProcess, int]:
     """Write ``render(port)`` to ``config_path`` for a free port, start
     ``python -m mirror serve --config`` on it and wait until ``GET /v2/``
     returns 200; returns the process and its port.
 
+    With ``ca_file`` the mirror is expected to serve HTTPS: the probe asks
+    ``https://127.0.0.1:PORT/v2/`` trusting that CA, presenting
+    ``client_cert`` (certificate file, key file) if given. Without it the
+    probe is plain HTTP, as before.
+
     Retries on a fresh port if the child dies (most likely a port taken
     between choosing and binding it); raises ProcessDied or TimeoutError
     carrying the mirror's output otherwise.
     """
+    context = None if ca_file is None else client_context(ca_file, client_cert)
+    scheme = "http" if context is None else "https"
     for attempt in range(attempts):
         port = free_port()
         config_path.write_text(render(port))
@@ -90,12 +127,12 @@ def launch(
             env=mirror_environment(),
         )
         process.start()
-        base = f"http://127.0.0.1:{port}/v2/"
+        base = f"{scheme}://127.0.0.1:{port}/v2/"
         try:
             process.wait_ready(
-                functools.partial(_answers_200, base),
+                functools.partial(_answers_200, base, context),
                 timeout=timeout,
-                what="GET /v2/ returned 200",
+                what=f"GET {base} returned 200",
             )
             return process, port
         except ProcessDied:
@@ -104,8 +141,8 @@ def launch(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _answers_200(url: str) -> bool:
-    return http_status(url) == 200
+def _answers_200(url: str, context: ssl.SSLContext | None = None) -> bool:
+    return http_status(url, context=context) == 200
 
 
 @dataclass
@@ -115,13 +152,22 @@ class MirrorProcess:
     ``extra_toml`` is appended verbatim to the generated config, right after
     ``[cache] dir``: plain ``key = value`` lines land in ``[cache]``, and
     later ``[section]`` headers start other tables. ``upstream_toml`` lines
-    land in ``[upstream]`` (a TOML table cannot be opened twice).
+    land in ``[upstream]`` and ``server_toml`` ones in ``[server]`` (a TOML
+    table cannot be opened twice).
+
+    ``tls`` makes it serve HTTPS with that certificate (``url`` is then
+    ``https://``), ``client_ca`` makes it require client certificates, and
+    ``client_cert`` is what the readiness probe presents then.
     """
 
     upstream_url: str
     workdir: Path
     extra_toml: str = ""
     upstream_toml: str = ""
+    server_toml: str = ""
+    tls: TlsFiles | None = None
+    client_ca: Path | None = None
+    client_cert: tuple[Path, Path] | None = None
     port: int = 0
     process: ManagedProcess | None = None
     cache_dir: Path = field(init=False)
@@ -137,7 +183,25 @@ class MirrorProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def _server_lines(self) -> str:
+        lines = self.server_toml
+        if self.tls is not None:
+            lines += (
+                f"tls_cert = {toml_string(str(self.tls.cert_file))}\n"
+                f"tls_key = {toml_string(str(self.tls.key_file))}\n"
+            )
+        if self.client_ca is not None:
+            lines += f"client_ca = {toml_string(str(self.client_ca))}\n"
+        return lines
+
+    def client_context(self) -> ssl.SSLContext:
+        """A TLS client context for this mirror: trusting its CA, presenting
+        ``client_cert`` if set. Only for a mirror with ``tls``."""
+        assert self.tls is not None, "this mirror serves plain HTTP"
+        return client_context(self.tls.ca_file, self.client_cert)
 
     @property
     def host(self) -> str:
@@ -159,11 +223,14 @@ class MirrorProcess:
                 cache_dir=self.cache_dir,
                 extra=self.extra_toml,
                 upstream=self.upstream_toml,
+                server=self._server_lines(),
             ),
             config_path=self.config_path,
             log_path=self.log_path,
             timeout=timeout,
             attempts=attempts,
+            ca_file=None if self.tls is None else self.tls.ca_file,
+            client_cert=self.client_cert,
         )
 
     def stop(self, *, timeout: float = 10.0) -> int | None:

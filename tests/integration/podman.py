@@ -12,7 +12,11 @@ location = "ghcr.io"`` with ``[[registry.mirror]] location =
 "127.0.0.1:PORT/ghcr.io"``, which makes podman ask the mirror for
 ``/v2/ghcr.io/owner/app/...``; Docker Hub's mirror has no path
 (``127.0.0.1:PORT``), so ``docker.io/library/x`` becomes ``/v2/library/x``.
-Mirrors are ``insecure``: podman tries HTTPS first, then plain HTTP.
+Mirrors are ``insecure``: podman tries HTTPS first, then plain HTTP. For a
+mirror serving HTTPS they are not (``insecure=False``), and podman verifies
+its certificate against the ``ca.crt`` of ``cert_dir`` (``--cert-dir``,
+which applies to mirrors as to any registry; ``client.cert``/``client.key``
+there are presented for mTLS).
 
 podman falls back to the registry itself when every mirror fails; its
 environment names a ``ClosedPort`` as the HTTP(S) proxy (loopback excepted),
@@ -30,9 +34,10 @@ from .mirror_process import toml_string
 from .tools import ClosedPort, Completed, run
 
 
-def registries_conf(mirrors: Mapping[str, str]) -> str:
+def registries_conf(mirrors: Mapping[str, str], *, insecure: bool = True) -> str:
     """``registries.conf`` sending each registry (key) to its mirror
-    location (value, ``host:port[/path]``); short names are not resolved."""
+    location (value, ``host:port[/path]``); short names are not resolved.
+    ``insecure`` mirrors may be plain HTTP or unverified HTTPS."""
     lines = ["unqualified-search-registries = []", 'short-name-mode = "disabled"']
     for registry, location in mirrors.items():
         lines += [
@@ -43,7 +48,7 @@ def registries_conf(mirrors: Mapping[str, str]) -> str:
             "",
             "[[registry.mirror]]",
             f"location = {toml_string(location)}",
-            "insecure = true",
+            f"insecure = {'true' if insecure else 'false'}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -58,12 +63,18 @@ class Podman:
     caller after ``close()``."""
     mirrors: Mapping[str, str]
     """Registry host -> mirror location, as in ``registries_conf``."""
+    insecure: bool = True
+    """False: the mirrors serve HTTPS, verified (see ``cert_dir``)."""
+    cert_dir: Path | None = None
+    """``--cert-dir`` for pulls: ``ca.crt`` (and ``client.cert``/``.key``)."""
     closed: ClosedPort = field(init=False)
 
     def __post_init__(self) -> None:
         self.closed = ClosedPort()
         (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
-        self._conf("registries.conf").write_text(registries_conf(self.mirrors))
+        self._conf("registries.conf").write_text(
+            registries_conf(self.mirrors, insecure=self.insecure)
+        )
         self._conf("policy.json").write_text(
             json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
         )
@@ -130,12 +141,21 @@ class Podman:
         )
 
     async def pull(
-        self, reference: str, *, time_limit: float = 90.0, check: bool = True
+        self,
+        reference: str,
+        *,
+        time_limit: float = 90.0,
+        check: bool = True,
+        cert_dir: Path | None = None,
     ) -> Completed:
-        """``podman pull`` (the linux/amd64 image) through the mirrors."""
+        """``podman pull`` (the linux/amd64 image) through the mirrors, with
+        ``cert_dir`` instead of the configured one if given."""
+        cert_dir = cert_dir or self.cert_dir
+        certs = [] if cert_dir is None else ["--cert-dir", str(cert_dir)]
         return await self.run(
             "pull",
             "--quiet",
+            *certs,
             "--signature-policy",
             str(self._conf("policy.json")),
             "--platform",

@@ -7,12 +7,19 @@ the bytes they got with the bytes they generated.
 
 skopeo needs a signature policy; ours accepts anything and lives in the
 test's temporary directory, so nothing depends on /etc/containers.
+
+Pulls and inspections speak plain HTTP (``--src-tls-verify=false``) unless
+given a ``cert_dir``: then HTTPS, verified against the ``ca.crt`` in it and
+presenting ``client.cert`` / ``client.key`` if there (containers/image's
+certs.d convention, which podman's ``--cert-dir`` follows too;
+``write_cert_dir`` makes one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +64,28 @@ def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def write_cert_dir(
+    directory: Path, ca_file: Path, client: tuple[Path, Path] | None = None
+) -> Path:
+    """A containers/image cert directory: ``ca.crt`` (trusted for the
+    server's certificate) and, for mTLS, ``client.cert`` + ``client.key``
+    from ``client`` (certificate file, key file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ca_file, directory / "ca.crt")
+    if client is not None:
+        shutil.copyfile(client[0], directory / "client.cert")
+        shutil.copyfile(client[1], directory / "client.key")
+    return directory
+
+
+def _tls_flags(direction: str, cert_dir: Path | None) -> list[str]:
+    """``--src-…``/``--dest-…``/``--…`` (``direction``) TLS flags: plain
+    HTTP without a cert dir, verified HTTPS with one."""
+    if cert_dir is None:
+        return [f"--{direction}tls-verify=false"]
+    return [f"--{direction}tls-verify=true", f"--{direction}cert-dir", str(cert_dir)]
+
+
 @dataclass(frozen=True)
 class Skopeo:
     """A skopeo binary plus the policy file it runs with."""
@@ -71,7 +100,9 @@ class Skopeo:
         policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
         return cls(binary=binary, policy_path=policy)
 
-    async def copy(self, *args: str | Path, time_limit: float = 90.0) -> Completed:
+    async def copy(
+        self, *args: str | Path, time_limit: float = 90.0, check: bool = True
+    ) -> Completed:
         return await run(
             self.binary,
             "--policy",
@@ -79,20 +110,27 @@ class Skopeo:
             "copy",
             *args,
             time_limit=time_limit,
+            check=check,
         )
 
     async def inspect_raw(
-        self, reference: str, *, time_limit: float = 60.0, check: bool = True
+        self,
+        reference: str,
+        *,
+        time_limit: float = 60.0,
+        check: bool = True,
+        cert_dir: Path | None = None,
     ) -> Completed:
-        """``skopeo inspect --raw docker://<reference>`` over plain HTTP: the
-        manifest's bytes as served, in ``stdout``."""
+        """``skopeo inspect --raw docker://<reference>``: the manifest's
+        bytes as served, in ``stdout``. Over plain HTTP, or HTTPS with
+        ``cert_dir`` (see ``write_cert_dir``)."""
         return await run(
             self.binary,
             "--policy",
             self.policy_path,
             "inspect",
             "--raw",
-            "--tls-verify=false",
+            *_tls_flags("", cert_dir),
             f"docker://{reference}",
             time_limit=time_limit,
             check=check,
@@ -125,19 +163,26 @@ class Skopeo:
         )
 
     async def pull_to_dir(
-        self, host: str, reference: str, out: Path, *, all_images: bool = False
+        self,
+        host: str,
+        reference: str,
+        out: Path,
+        *,
+        all_images: bool = False,
+        cert_dir: Path | None = None,
     ) -> DirImage:
         """Copy ``host/reference`` (``repo:tag`` or ``repo@digest``) to ``out``.
 
         With ``all_images`` an index is copied with all its children;
         otherwise skopeo picks the linux/amd64 child, like a daemon would.
         ``--preserve-digests`` guarantees ``out`` holds the served bytes.
+        Plain HTTP, or HTTPS with ``cert_dir`` (see ``write_cert_dir``).
         """
         flags = ["--all"] if all_images else []
         await self.copy(
             "--quiet",
             "--preserve-digests",
-            "--src-tls-verify=false",
+            *_tls_flags("src-", cert_dir),
             "--override-os",
             "linux",
             "--override-arch",

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -116,10 +117,17 @@ class ClosedPort:
         self._socket.close()
 
 
-def http_status(url: str, *, timeout: float = 2.0) -> int | None:
-    """Return the status of a GET to ``url``, or None if nothing answered."""
+def http_status(
+    url: str, *, timeout: float = 2.0, context: ssl.SSLContext | None = None
+) -> int | None:
+    """Return the status of a GET to ``url``, or None if nothing answered
+    (a refused TLS handshake included). ``context`` is the client's TLS for
+    an ``https://`` URL: the CA it trusts, the certificate it presents."""
     # No proxies: urllib would send even 127.0.0.1 through $http_proxy.
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    direct = urllib.request.build_opener(*handlers)
     try:
         with direct.open(url, timeout=timeout) as response:
             status: int = response.status
