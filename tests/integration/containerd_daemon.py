@@ -11,7 +11,9 @@ host and does not ping ``/v2/``.
 For a mirror serving HTTPS, ``hosts.toml`` names the CA that signed its
 certificate (``ca``) and, when it requires client certificates, the one ctr
 presents (``client = [["cert", "key"]]``); ctr reads both with the rest of
-``--hosts-dir`` and verifies the mirror against that CA.
+``--hosts-dir`` and verifies the mirror against that CA. A mirror requiring
+a password gets it from a ``[host."<url>".header]`` table (``authorization =
+"Basic …"``), which ctr sends with every request to that host.
 
 When the mirror fails, containerd tries the ``server`` of ``hosts.toml``
 next. That is a ``ClosedPort`` here, and so are the proxies in the daemon's
@@ -24,6 +26,7 @@ run, including inside containers where overlay mounts are not allowed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,12 +55,14 @@ def hosts_toml(
     *,
     ca: Path | None = None,
     client: tuple[Path, Path] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> str:
     """Resolve and pull through ``mirror_url``; fall back to ``server``.
 
     ``ca``: the PEM CA an ``https://`` mirror's certificate is verified
     against; ``client``: (certificate, key) presented to a mirror requiring
-    client certificates.
+    client certificates; ``headers``: sent with every request to the mirror
+    (``authorization`` for one requiring a password).
     """
     text = (
         f'server = "{server}"\n'
@@ -70,6 +75,10 @@ def hosts_toml(
     if client is not None:
         cert, key = (toml_string(str(path)) for path in client)
         text += f"  client = [[{cert}, {key}]]\n"
+    if headers:
+        text += f'\n  [host."{mirror_url}".header]\n'
+        for name, value in headers.items():
+            text += f"    {name} = {toml_string(value)}\n"
     return text
 
 
@@ -87,6 +96,8 @@ class Containerd:
     """The CA of an ``https://`` mirror's certificate (``ca`` in hosts.toml)."""
     client_cert: tuple[Path, Path] | None = None
     """(certificate, key) ctr presents to the mirror (``client``)."""
+    headers: Mapping[str, str] | None = None
+    """Headers ctr sends the mirror (``header`` in hosts.toml)."""
     process: ManagedProcess | None = None
     socket_path: Path = field(init=False)
     hosts_dir: Path = field(init=False)
@@ -110,6 +121,7 @@ class Containerd:
                     self.closed.url,
                     ca=self.ca_file,
                     client=self.client_cert,
+                    headers=self.headers,
                 )
             )
         self.process = ManagedProcess(
@@ -159,15 +171,22 @@ class Containerd:
         registry: str = "docker.io",
         ca: Path | None = None,
         client: tuple[Path, Path] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Path:
         """Another hosts directory, ``name``, sending ``registry`` to the
-        mirror with these ``ca`` and ``client`` settings (for a ``pull``
-        configured differently from the daemon's own directory)."""
+        mirror with these ``ca``, ``client`` and ``headers`` settings (for a
+        ``pull`` configured differently from the daemon's own directory)."""
         directory = self.directory / name
         host_dir = directory / registry
         host_dir.mkdir(parents=True, exist_ok=True)
         (host_dir / "hosts.toml").write_text(
-            hosts_toml(self.mirror_url, self.closed.url, ca=ca, client=client)
+            hosts_toml(
+                self.mirror_url,
+                self.closed.url,
+                ca=ca,
+                client=client,
+                headers=headers,
+            )
         )
         return directory
 

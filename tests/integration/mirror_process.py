@@ -9,7 +9,9 @@ fixtures attach to failing tests.
 Given ``tls`` (the files of a test CA's server certificate) it serves HTTPS
 (``[server] tls_cert`` / ``tls_key``), and with ``client_ca`` it requires
 client certificates; the readiness probe then speaks HTTPS, trusting the CA
-and presenting ``client_cert``.
+and presenting ``client_cert``. A mirror requiring passwords
+(``[auth] htpasswd``) answers ``/v2/`` 401 once it serves; ``ready_status``
+says which answer the probe waits for.
 """
 
 from __future__ import annotations
@@ -93,10 +95,12 @@ def launch(
     attempts: int = 3,
     ca_file: Path | None = None,
     client_cert: tuple[Path, Path] | None = None,
+    ready_status: int = 200,
 ) -> tuple[ManagedProcess, int]:
     """Write ``render(port)`` to ``config_path`` for a free port, start
     ``python -m mirror serve --config`` on it and wait until ``GET /v2/``
-    returns 200; returns the process and its port.
+    returns ``ready_status`` (200; 401 for a mirror requiring passwords);
+    returns the process and its port.
 
     With ``ca_file`` the mirror is expected to serve HTTPS: the probe asks
     ``https://127.0.0.1:PORT/v2/`` trusting that CA, presenting
@@ -130,9 +134,9 @@ def launch(
         base = f"{scheme}://127.0.0.1:{port}/v2/"
         try:
             process.wait_ready(
-                functools.partial(_answers_200, base, context),
+                functools.partial(_answers, base, ready_status, context),
                 timeout=timeout,
-                what=f"GET {base} returned 200",
+                what=f"GET {base} returned {ready_status}",
             )
             return process, port
         except ProcessDied:
@@ -141,8 +145,8 @@ def launch(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _answers_200(url: str, context: ssl.SSLContext | None = None) -> bool:
-    return http_status(url, context=context) == 200
+def _answers(url: str, status: int, context: ssl.SSLContext | None = None) -> bool:
+    return http_status(url, context=context) == status
 
 
 @dataclass
@@ -158,6 +162,8 @@ class MirrorProcess:
     ``tls`` makes it serve HTTPS with that certificate (``url`` is then
     ``https://``), ``client_ca`` makes it require client certificates, and
     ``client_cert`` is what the readiness probe presents then.
+    ``ready_status`` is the ``GET /v2/`` answer that means it serves: 200,
+    or 401 when ``extra_toml`` sets ``[auth] htpasswd``.
     """
 
     upstream_url: str
@@ -168,6 +174,7 @@ class MirrorProcess:
     tls: TlsFiles | None = None
     client_ca: Path | None = None
     client_cert: tuple[Path, Path] | None = None
+    ready_status: int = 200
     port: int = 0
     process: ManagedProcess | None = None
     cache_dir: Path = field(init=False)
@@ -208,7 +215,8 @@ class MirrorProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, *, timeout: float = 15.0, attempts: int = 3) -> None:
-        """Start the mirror and wait until ``GET /v2/`` returns 200.
+        """Start the mirror and wait until ``GET /v2/`` returns
+        ``ready_status``.
 
         Retries on a fresh port if the child dies (most likely a port taken
         between choosing and binding it); raises ProcessDied or TimeoutError
@@ -231,6 +239,7 @@ class MirrorProcess:
             attempts=attempts,
             ca_file=None if self.tls is None else self.tls.ca_file,
             client_cert=self.client_cert,
+            ready_status=self.ready_status,
         )
 
     def stop(self, *, timeout: float = 10.0) -> int | None:

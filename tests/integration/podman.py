@@ -147,15 +147,20 @@ class Podman:
         time_limit: float = 90.0,
         check: bool = True,
         cert_dir: Path | None = None,
+        authfile: Path | None = None,
     ) -> Completed:
         """``podman pull`` (the linux/amd64 image) through the mirrors, with
-        ``cert_dir`` instead of the configured one if given."""
+        ``cert_dir`` instead of the configured one if given, and the
+        credentials of ``authfile`` (an ``auth.json``; default: one with
+        none)."""
         cert_dir = cert_dir or self.cert_dir
         certs = [] if cert_dir is None else ["--cert-dir", str(cert_dir)]
+        auth = [] if authfile is None else ["--authfile", str(authfile)]
         return await self.run(
             "pull",
             "--quiet",
             *certs,
+            *auth,
             "--signature-policy",
             str(self._conf("policy.json")),
             "--platform",

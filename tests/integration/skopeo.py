@@ -12,7 +12,8 @@ Pulls and inspections speak plain HTTP (``--src-tls-verify=false``) unless
 given a ``cert_dir``: then HTTPS, verified against the ``ca.crt`` in it and
 presenting ``client.cert`` / ``client.key`` if there (containers/image's
 certs.d convention, which podman's ``--cert-dir`` follows too;
-``write_cert_dir`` makes one).
+``write_cert_dir`` makes one), and as ``credentials`` (``--src-creds`` /
+``--creds``) when given.
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ def _tls_flags(direction: str, cert_dir: Path | None) -> list[str]:
     return [f"--{direction}tls-verify=true", f"--{direction}cert-dir", str(cert_dir)]
 
 
+def _creds_flags(direction: str, credentials: tuple[str, str] | None) -> list[str]:
+    """``--src-creds``/``--dest-creds``/``--creds`` (``direction``) for
+    ``credentials`` (username, password); none without."""
+    if credentials is None:
+        return []
+    return [f"--{direction}creds", ":".join(credentials)]
+
+
 @dataclass(frozen=True)
 class Skopeo:
     """A skopeo binary plus the policy file it runs with."""
@@ -120,10 +129,12 @@ class Skopeo:
         time_limit: float = 60.0,
         check: bool = True,
         cert_dir: Path | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> Completed:
         """``skopeo inspect --raw docker://<reference>``: the manifest's
         bytes as served, in ``stdout``. Over plain HTTP, or HTTPS with
-        ``cert_dir`` (see ``write_cert_dir``)."""
+        ``cert_dir`` (see ``write_cert_dir``); as ``credentials`` (username,
+        password) if given."""
         return await run(
             self.binary,
             "--policy",
@@ -131,6 +142,7 @@ class Skopeo:
             "inspect",
             "--raw",
             *_tls_flags("", cert_dir),
+            *_creds_flags("", credentials),
             f"docker://{reference}",
             time_limit=time_limit,
             check=check,
@@ -151,13 +163,12 @@ class Skopeo:
         ``--preserve-digests`` makes skopeo fail rather than rewrite a
         manifest, so the registry serves exactly the generated digests.
         """
-        creds = [] if credentials is None else ["--dest-creds", ":".join(credentials)]
         await self.copy(
             "--quiet",
             "--all",
             "--preserve-digests",
             "--dest-tls-verify=false",
-            *creds,
+            *_creds_flags("dest-", credentials),
             layout.reference,
             f"docker://{host}/{repository}:{tag}",
         )
@@ -170,19 +181,22 @@ class Skopeo:
         *,
         all_images: bool = False,
         cert_dir: Path | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> DirImage:
         """Copy ``host/reference`` (``repo:tag`` or ``repo@digest``) to ``out``.
 
         With ``all_images`` an index is copied with all its children;
         otherwise skopeo picks the linux/amd64 child, like a daemon would.
         ``--preserve-digests`` guarantees ``out`` holds the served bytes.
-        Plain HTTP, or HTTPS with ``cert_dir`` (see ``write_cert_dir``).
+        Plain HTTP, or HTTPS with ``cert_dir`` (see ``write_cert_dir``); as
+        ``credentials`` (username, password) if given.
         """
         flags = ["--all"] if all_images else []
         await self.copy(
             "--quiet",
             "--preserve-digests",
             *_tls_flags("src-", cert_dir),
+            *_creds_flags("src-", credentials),
             "--override-os",
             "linux",
             "--override-arch",
