@@ -10,9 +10,10 @@ A cached pull stays fast:
 
 * bcrypt runs in a thread, never on the event loop, and at most a few at
   once (`_BCRYPT_AT_ONCE`), so a flood of logins cannot take every thread;
-* a verified credential is remembered for `_VERIFIED_FOR` seconds, keyed by
-  an HMAC of user and password under a key made at start, never by the
-  password itself;
+* a verified credential is remembered for `_VERIFIED_FOR` seconds after its
+  last use, keyed by a keyed BLAKE2 hash of its Authorization header (a key
+  made at start), never by the password itself; requests with one
+  credential at once share one bcrypt check;
 * the file is looked at (one stat) at most every `_CHECK_EVERY` seconds, and
   read again when it changed; the remembered credentials are then dropped.
 
@@ -27,7 +28,6 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import hmac
 import logging
 import os
 import secrets
@@ -38,13 +38,13 @@ from pathlib import Path
 
 import bcrypt
 from aiohttp import web
-from cachetools import TTLCache
 
 from mirror.api.clients import CLIENT
 from mirror.api.errors import ErrorCode, Handler, error_response
 from mirror.api.routes import Middleware
 from mirror.htpasswd import HtpasswdError, read_htpasswd
 from mirror.metrics import Metrics
+from mirror.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +87,26 @@ class ClientAuth:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._path = path
-        self._metrics = metrics
         self._clock = clock
         self._users: dict[str, bytes] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._loaded = False
         self._checked = 0.0
         self._key = secrets.token_bytes(32)
-        self._verified: TTLCache[bytes, bool] = TTLCache(
-            maxsize=_VERIFIED_MAX, ttl=_VERIFIED_FOR, timer=clock
-        )
-        self._failures: TTLCache[str, _Failures] = TTLCache(
-            maxsize=_ADDRESSES_MAX, ttl=_FAILURE_WINDOW, timer=clock
-        )
+        # Keyed hash of an Authorization header -> when it stops being
+        # trusted without bcrypt. Renewed by use; emptied when the file
+        # changes, so a removed user or a changed password takes effect.
+        self._verified: dict[bytes, float] = {}
+        self._verifying: SingleFlight[bytes, bool] = SingleFlight()
+        self._failures: dict[str, _Failures] = {}
         self._bcrypt = asyncio.Semaphore(_BCRYPT_AT_ONCE)
+        # Looked up once: this runs on every request.
+        results = ("verified", "cached", "missing", "rejected", "throttled")
+        self._counted = {r: metrics.client_auth.labels(r) for r in results}
 
-    def _refresh(self) -> None:
+    def _refresh(self, now: float) -> None:
         """Read the file again if it changed; a file that no longer loads is
         logged and the users read before stay."""
-        now = self._clock()
         if self._loaded and now - self._checked < _CHECK_EVERY:
             return
         self._checked = now
@@ -123,42 +124,70 @@ class ClientAuth:
 
     async def check(self, request: web.Request) -> web.StreamResponse | None:
         """None if the request may go on, else the response to send."""
-        self._refresh()
-        address = request.get(CLIENT) or request.remote or ""
-        failures = self._failures.get(address)
-        if failures is not None and failures.count >= _MAX_FAILURES:
-            self._count("throttled")
-            wait = max(1, int(failures.since + _FAILURE_WINDOW - self._clock()) + 1)
-            return error_response(
-                ErrorCode.TOOMANYREQUESTS,
-                "too many failed logins from this address; try again later",
-                headers={"Retry-After": str(wait)},
-            )
-        credentials = _basic(request.headers.get("Authorization"))
+        now = self._clock()
+        self._refresh(now)
+        address = ""
+        if self._failures:
+            address = request.get(CLIENT) or request.remote or ""
+            failures = self._failures.get(address)
+            if failures is not None and now - failures.since >= _FAILURE_WINDOW:
+                del self._failures[address]
+            elif failures is not None and failures.count >= _MAX_FAILURES:
+                self._counted["throttled"].inc()
+                wait = int(failures.since + _FAILURE_WINDOW - now) + 1
+                return error_response(
+                    ErrorCode.TOOMANYREQUESTS,
+                    "too many failed logins from this address; try again later",
+                    headers={"Retry-After": str(max(1, wait))},
+                )
+        header = request.headers.get("Authorization")
+        if header is None:
+            self._counted["missing"].inc()
+            return _challenge("authentication required")
+        key = hashlib.blake2b(header.encode(), key=self._key, digest_size=16).digest()
+        if self._verified.get(key, 0.0) > now:
+            self._verified[key] = now + _VERIFIED_FOR
+            self._counted["cached"].inc()
+            return None
+        credentials = _basic(header)
         if credentials is None:
-            self._count("missing")
+            self._counted["missing"].inc()
             return _challenge("authentication required")
         user, password = credentials
-        key = hmac.new(
-            self._key, user.encode() + b"\0" + password.encode(), hashlib.sha256
-        ).digest()
-        if self._verified.get(key):
-            self._count("cached")
+        # Requests with one credential at once share one bcrypt check; the
+        # others count as cached, so `verified` counts bcrypt checks.
+        joined = self._verifying.in_flight(key)
+        if await self._verifying.do(key, lambda: self._verify(user, password)):
+            self._remember(key, now)
+            self._counted["cached" if joined else "verified"].inc()
             return None
-        if await self._verify(user, password):
-            self._verified[key] = True
-            self._count("verified")
-            return None
-        self._count("rejected")
-        now = self._clock()
-        previous = self._failures.get(address)
-        self._failures[address] = (
-            _Failures(previous.count + 1, previous.since)
-            if previous is not None
-            else _Failures(1, now)
-        )
+        self._counted["rejected"].inc()
+        address = address or request.get(CLIENT) or request.remote or ""
+        self._failed(address, now)
         log.info("refused credentials of user %r from %s", user[:64], address)
         return _challenge("invalid username or password")
+
+    def _remember(self, key: bytes, now: float) -> None:
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified = {k: t for k, t in self._verified.items() if t > now}
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+        self._verified[key] = now + _VERIFIED_FOR
+
+    def _failed(self, address: str, now: float) -> None:
+        previous = self._failures.get(address)
+        if previous is not None and now - previous.since < _FAILURE_WINDOW:
+            self._failures[address] = _Failures(previous.count + 1, previous.since)
+            return
+        if len(self._failures) >= _ADDRESSES_MAX:
+            self._failures = {
+                a: f
+                for a, f in self._failures.items()
+                if now - f.since < _FAILURE_WINDOW
+            }
+            if len(self._failures) >= _ADDRESSES_MAX:
+                self._failures.clear()
+        self._failures[address] = _Failures(1, now)
 
     async def _verify(self, user: str, password: str) -> bool:
         hashed = self._users.get(user)
@@ -166,9 +195,6 @@ class ClientAuth:
             return False
         async with self._bcrypt:
             return await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
-
-    def _count(self, result: str) -> None:
-        self._metrics.client_auth.labels(result).inc()
 
 
 def _basic(header: str | None) -> tuple[str, str] | None:

@@ -12,6 +12,11 @@ registry mirror, request for request:
 Every manifest and blob is hashed as it arrives and checked against its
 digest and size, as dockerd does, so a cache serving wrong bytes fails the
 benchmark instead of winning it. ``herd`` starts many such pulls at once.
+
+With credentials (``authorization``, a Basic ``Authorization`` value) the
+ping goes without them and must be answered ``401`` with a Basic challenge,
+and every later request carries them: what dockerd does with a registry
+that asks for a login.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,12 +75,27 @@ def _check(response: aiohttp.ClientResponse, what: str) -> None:
         raise PullError(f"{what}: HTTP {response.status}")
 
 
+def check_challenge(response: aiohttp.ClientResponse, what: str) -> None:
+    """Raise PullError unless ``response`` is a 401 asking for Basic auth."""
+    challenge = response.headers.get("WWW-Authenticate", "")
+    if response.status != 401 or not challenge.lower().startswith("basic "):
+        raise PullError(
+            f"{what} without credentials: HTTP {response.status}, "
+            f"WWW-Authenticate {challenge!r}; expected a 401 Basic challenge"
+        )
+
+
 async def resolve_tag(
-    session: aiohttp.ClientSession, base: str, repository: str, tag: str
+    session: aiohttp.ClientSession,
+    base: str,
+    repository: str,
+    tag: str,
+    headers: Mapping[str, str] | None = None,
 ) -> str:
     """HEAD the tag and return the ``Docker-Content-Digest`` it answers."""
     url = f"{base}/v2/{repository}/manifests/{tag}"
-    async with session.head(url, headers=MANIFEST_HEADERS) as response:
+    sent = {**MANIFEST_HEADERS, **(headers or {})}
+    async with session.head(url, headers=sent) as response:
         _check(response, f"HEAD {url}")
         digest = response.headers.get("Docker-Content-Digest")
     if not digest:
@@ -83,11 +104,16 @@ async def resolve_tag(
 
 
 async def fetch_manifest(
-    session: aiohttp.ClientSession, base: str, repository: str, digest: str
+    session: aiohttp.ClientSession,
+    base: str,
+    repository: str,
+    digest: str,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """GET a manifest by digest, verify it, and return it parsed."""
     url = f"{base}/v2/{repository}/manifests/{digest}"
-    async with session.get(url, headers=MANIFEST_HEADERS) as response:
+    sent = {**MANIFEST_HEADERS, **(headers or {})}
+    async with session.get(url, headers=sent) as response:
         _check(response, f"GET {url}")
         body = await response.read()
     if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
@@ -99,13 +125,18 @@ async def fetch_manifest(
 
 
 async def fetch_blob(
-    session: aiohttp.ClientSession, base: str, repository: str, digest: str, size: int
+    session: aiohttp.ClientSession,
+    base: str,
+    repository: str,
+    digest: str,
+    size: int,
+    headers: Mapping[str, str] | None = None,
 ) -> int:
     """GET a blob, hashing it as it streams; return its size once verified."""
     url = f"{base}/v2/{repository}/blobs/{digest}"
     hasher = hashlib.sha256()
     received = 0
-    async with session.get(url) as response:
+    async with session.get(url, headers=headers) as response:
         _check(response, f"GET {url}")
         async for chunk in response.content.iter_chunked(CHUNK):
             hasher.update(chunk)
@@ -118,25 +149,45 @@ async def fetch_blob(
 
 
 async def pull(
-    session: aiohttp.ClientSession, base: str, repository: str, tag: str
+    session: aiohttp.ClientSession,
+    base: str,
+    repository: str,
+    tag: str,
+    *,
+    authorization: str | None = None,
 ) -> PullResult:
-    """Pull ``repository:tag`` from ``base`` the way dockerd does; time it."""
+    """Pull ``repository:tag`` from ``base`` the way dockerd does; time it.
+
+    With ``authorization`` the ping must be a 401 Basic challenge and the
+    rest of the requests send it. Raises PullError for any other answer.
+    """
     started = time.perf_counter()
+    headers = {} if authorization is None else {"Authorization": authorization}
     async with session.get(f"{base}/v2/") as response:
-        _check(response, "GET /v2/")
-    digest = await resolve_tag(session, base, repository, tag)
-    manifest = await fetch_manifest(session, base, repository, digest)
+        if authorization is None:
+            _check(response, "GET /v2/")
+        else:
+            check_challenge(response, "GET /v2/")
+    digest = await resolve_tag(session, base, repository, tag, headers)
+    manifest = await fetch_manifest(session, base, repository, digest, headers)
     slots = asyncio.Semaphore(LAYER_CONCURRENCY)
 
     async def layer(descriptor: dict[str, Any]) -> int:
         async with slots:
             return await fetch_blob(
-                session, base, repository, descriptor["digest"], descriptor["size"]
+                session,
+                base,
+                repository,
+                descriptor["digest"],
+                descriptor["size"],
+                headers,
             )
 
     config = manifest["config"]
     sizes = await asyncio.gather(
-        fetch_blob(session, base, repository, config["digest"], config["size"]),
+        fetch_blob(
+            session, base, repository, config["digest"], config["size"], headers
+        ),
         *(layer(descriptor) for descriptor in manifest["layers"]),
     )
     return PullResult(
@@ -146,10 +197,12 @@ async def pull(
     )
 
 
-async def pull_once(base: str, repository: str, tag: str) -> PullResult:
+async def pull_once(
+    base: str, repository: str, tag: str, *, authorization: str | None = None
+) -> PullResult:
     """One pull in a fresh session: a client with no open connections."""
     async with new_session() as session:
-        return await pull(session, base, repository, tag)
+        return await pull(session, base, repository, tag, authorization=authorization)
 
 
 @dataclass(frozen=True)

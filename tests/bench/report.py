@@ -1,10 +1,11 @@
 """Results of one benchmark run: the table, the target checks, the files.
 
 This module owns what a run produces from its measurements: ``Results``
-(every number per target, JSON-ready), the target checks from issue 5 each
-evaluated to PASS or FAIL, the plain-text table printed at the end, and the
-files written to the output directory (``results.json`` and a Markdown
-``results.md`` ready to paste into docs/benchmarks.md).
+(every number per target, JSON-ready), the client-auth comparison
+(``ClientAuthResults``: mirror with auth off and on), the target checks from
+issues 5 and 10 each evaluated to PASS or FAIL, the plain-text tables printed
+at the end, and the files written to the output directory (``results.json``
+and a Markdown ``results.md`` ready to paste into docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .wrk import WrkResult
 
 COLD_LIMIT = 1.2
 MANIFEST_FACTOR = 5.0
+# Issue 10: a warm cached pull with auth on stays within 10% of auth off.
+AUTH_TOLERANCE = 0.10
 
 
 @dataclass
@@ -125,6 +128,98 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+@dataclass
+class AuthSide:
+    """The client-auth scenario's numbers for one mirror (auth off or on).
+
+    Auth on only: ``first_login_pull``, warm pulls each with a login the
+    mirror had not verified yet (one bcrypt check each), and ``logins``, per
+    measured wrk run and for the warm pulls, how the mirror's
+    ``mirror_client_auth_total`` moved, by result (``verified`` is a bcrypt
+    check, ``cached`` a recently verified login, ``missing`` a request
+    without credentials, such as each pull's first ping).
+    """
+
+    manifest_digest: Load = field(default_factory=Load)
+    manifest_tag: Load = field(default_factory=Load)
+    warm_pull: list[float] = field(default_factory=list)
+    first_login_pull: list[float] = field(default_factory=list)
+    logins: list[dict[str, Any]] = field(default_factory=list)
+
+    def manifest(self, kind: str) -> Load:
+        """The load by ``digest`` or by ``tag``."""
+        return {"digest": self.manifest_digest, "tag": self.manifest_tag}[kind]
+
+    @property
+    def warm(self) -> float | None:
+        return statistics.median(self.warm_pull) if self.warm_pull else None
+
+    @property
+    def first_login(self) -> float | None:
+        pulls = self.first_login_pull
+        return statistics.median(pulls) if pulls else None
+
+    def to_json(self) -> dict[str, Any]:
+        def load(value: Load) -> dict[str, Any] | None:
+            return value.to_json() if value.rounds else None
+
+        return {
+            "manifest_by_digest": load(self.manifest_digest),
+            "manifest_by_tag": load(self.manifest_tag),
+            "warm_pull_seconds": [round(s, 3) for s in self.warm_pull],
+            "warm_pull_median": _round(self.warm),
+            "first_login_pull_seconds": [round(s, 3) for s in self.first_login_pull],
+            "first_login_pull_median": _round(self.first_login),
+            "logins": self.logins,
+        }
+
+
+@dataclass
+class ClientAuthResults:
+    """mirror with ``auth.htpasswd`` (``on``) against mirror without (``off``).
+
+    ``bcrypt_seconds``: one ``bcrypt.checkpw`` at ``bcrypt_cost``, timed in
+    the benchmark's own process: what the first request of a credential (and
+    the first after its verified login expires) waits for.
+    """
+
+    bcrypt_cost: int
+    bcrypt_seconds: float
+    off: AuthSide = field(default_factory=AuthSide)
+    on: AuthSide = field(default_factory=AuthSide)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bcrypt_cost": self.bcrypt_cost,
+            "bcrypt_checkpw_seconds": round(self.bcrypt_seconds, 4),
+            "auth_off": self.off.to_json(),
+            "auth_on": self.on.to_json(),
+            "ratios_on_to_off": {
+                name: None if value is None else round(value, 3)
+                for name, value in auth_ratios(self).items()
+            },
+        }
+
+
+def auth_ratios(auth: ClientAuthResults) -> dict[str, float | None]:
+    """on / off for each measurement (req/s: < 1 is a cost; seconds: > 1)."""
+
+    def rate(pick: SidePick) -> float | None:
+        off, on = pick(auth.off), pick(auth.on)
+        if not off.rounds or not on.rounds:
+            return None
+        return on.wrk.requests_per_second / off.wrk.requests_per_second
+
+    off_warm, on_warm = auth.off.warm, auth.on.warm
+    return {
+        "manifest_by_digest_rps": rate(lambda side: side.manifest_digest),
+        "manifest_by_tag_rps": rate(lambda side: side.manifest_tag),
+        "warm_pull_seconds": None
+        if off_warm is None or on_warm is None
+        else on_warm / off_warm,
+    }
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -142,6 +237,7 @@ class Check:
 
 Verdict = tuple[bool, str]
 Pick = Callable[[TargetResults], Load | None]
+SidePick = Callable[[AuthSide], Load]
 
 
 def _cold(mirror: TargetResults, direct: TargetResults) -> Verdict | None:
@@ -206,8 +302,36 @@ def _memory(mirror: TargetResults, dist: TargetResults) -> Verdict | None:
     return ours <= theirs, f"mirror {ours:.0f} MiB vs distribution {theirs:.0f} MiB"
 
 
-def evaluate(results: dict[str, TargetResults]) -> list[Check]:
-    """The issue's targets for mirror, each against its reference."""
+def _auth_tag_rate(auth: ClientAuthResults | None) -> Verdict | None:
+    if auth is None:
+        return None
+    ratio = auth_ratios(auth)["manifest_by_tag_rps"]
+    if ratio is None:
+        return None
+    off = auth.off.manifest_tag.wrk.requests_per_second
+    on = auth.on.manifest_tag.wrk.requests_per_second
+    limit = 1 - AUTH_TOLERANCE
+    return ratio >= limit, (
+        f"auth on {on:.0f} req/s vs off {off:.0f} req/s = {ratio:.2f}x "
+        f"(limit {limit:.2f}x)"
+    )
+
+
+def _auth_warm_pull(auth: ClientAuthResults | None) -> Verdict | None:
+    if auth is None or auth.off.warm is None or auth.on.warm is None:
+        return None
+    off, on = auth.off.warm, auth.on.warm
+    limit = 1 + AUTH_TOLERANCE
+    ratio = on / off
+    return ratio <= limit, (
+        f"auth on {on:.3f} s vs off {off:.3f} s = {ratio:.2f}x (limit {limit:.2f}x)"
+    )
+
+
+def evaluate(
+    results: dict[str, TargetResults], client_auth: ClientAuthResults | None = None
+) -> list[Check]:
+    """The issues' targets for mirror, each against its reference."""
     empty = TargetResults("missing")
     mirror = results.get("mirror", empty)
     direct = results.get("direct", empty)
@@ -227,6 +351,14 @@ def evaluate(results: dict[str, TargetResults]) -> list[Check]:
             _manifests(mirror, dist, lambda r: r.manifest_tag),
         ),
         ("peak RSS <= distribution", _memory(mirror, dist)),
+        (
+            f"auth on within {AUTH_TOLERANCE:.0%} of auth off: manifest by tag req/s",
+            _auth_tag_rate(client_auth),
+        ),
+        (
+            f"auth on within {AUTH_TOLERANCE:.0%} of auth off: warm pull",
+            _auth_warm_pull(client_auth),
+        ),
     ]
     return [
         Check(name, None, "not measured")
@@ -312,7 +444,10 @@ def table_cells(results: dict[str, TargetResults]) -> list[list[str]]:
 
 
 def text_table(results: dict[str, TargetResults]) -> str:
-    cells = table_cells(results)
+    return _text(table_cells(results))
+
+
+def _text(cells: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = []
     for number, row in enumerate(cells):
@@ -327,7 +462,10 @@ def text_table(results: dict[str, TargetResults]) -> str:
 
 
 def markdown_table(results: dict[str, TargetResults]) -> str:
-    cells = table_cells(results)
+    return _markdown(table_cells(results))
+
+
+def _markdown(cells: list[list[str]]) -> str:
     lines = [
         "| " + " | ".join(cells[0]) + " |",
         "| --- |" + " ---: |" * (len(cells[0]) - 1),
@@ -336,6 +474,62 @@ def markdown_table(results: dict[str, TargetResults]) -> str:
         "| " + " | ".join(cell.strip() for cell in row) + " |" for row in cells[1:]
     ]
     return "\n".join(lines)
+
+
+def auth_cells(auth: ClientAuthResults) -> list[list[str]]:
+    """The client-auth comparison: one row per measurement, off, on, on/off."""
+    ratios = auth_ratios(auth)
+
+    def ratio(name: str) -> str:
+        value = ratios[name]
+        return "-" if value is None else f"{value:.2f}x"
+
+    def cells(pick: SidePick, pattern: str, metric: str) -> list[str]:
+        return [_side_load(pick(side), pattern, metric) for side in (auth.off, auth.on)]
+
+    return [
+        ["", "auth off", "auth on", "on/off"],
+        [
+            "manifest by digest, req/s",
+            *cells(lambda side: side.manifest_digest, "{:.0f}", "requests_per_second"),
+            ratio("manifest_by_digest_rps"),
+        ],
+        [
+            "manifest by tag, req/s",
+            *cells(lambda side: side.manifest_tag, "{:.0f}", "requests_per_second"),
+            ratio("manifest_by_tag_rps"),
+        ],
+        [
+            "manifest by tag, p99 ms",
+            *cells(lambda side: side.manifest_tag, "{:.1f}", "latency_p99_ms"),
+            "",
+        ],
+        [
+            "warm pull, s (median)",
+            _fmt(auth.off.warm, "{:.3f}"),
+            _fmt(auth.on.warm, "{:.3f}"),
+            ratio("warm_pull_seconds"),
+        ],
+        [
+            "warm pull, new login, s (median)",
+            "-",
+            _fmt(auth.on.first_login, "{:.3f}"),
+            "",
+        ],
+    ]
+
+
+def _side_load(load: Load, pattern: str, metric: str) -> str:
+    if not load.rounds:
+        return "-"
+    text = pattern.format(getattr(load.wrk, metric))
+    if load.error_count:
+        text += f" ({load.error_count} errors)"
+    return text
+
+
+def auth_text_table(auth: ClientAuthResults) -> str:
+    return _text(auth_cells(auth))
 
 
 def checks_text(checks: list[Check]) -> str:
@@ -350,6 +544,7 @@ def write(
     results: dict[str, TargetResults],
     checks: list[Check],
     profiles: dict[str, Any],
+    client_auth: ClientAuthResults | None = None,
 ) -> tuple[Path, Path]:
     """Write ``results.json`` and ``results.md`` to ``out``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -357,6 +552,7 @@ def write(
         "machine": machine,
         "settings": settings,
         "targets": {name: result.to_json() for name, result in results.items()},
+        "client_auth": None if client_auth is None else client_auth.to_json(),
         "checks": [check.to_json() for check in checks],
         "profiles": profiles,
     }
@@ -371,6 +567,17 @@ def write(
         "",
         markdown_table(results),
         "",
+        *(
+            []
+            if client_auth is None
+            else [
+                f"Client auth (bcrypt cost {client_auth.bcrypt_cost}, one check "
+                f"{client_auth.bcrypt_seconds * 1000:.0f} ms):",
+                "",
+                _markdown(auth_cells(client_auth)),
+                "",
+            ]
+        ),
         *(f"- **{c.verdict}** {c.name}: {c.detail}" for c in checks),
         "",
     ]

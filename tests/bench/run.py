@@ -1,4 +1,4 @@
-"""Run the benchmark: one upstream, three caches, six scenarios, one report.
+"""Run the benchmark: one upstream, three caches, seven scenarios, one report.
 
 This module owns the run's order and settings. It starts the upstream (the
 distribution registry) and pushes generated images to it, starts mirror,
@@ -7,6 +7,9 @@ against each of them and against the upstream directly, reads every cache's
 peak memory, stops everything it started and writes the report
 (``tests/bench/report.py``). Scenarios run target by target inside each
 scenario, so slow drift on a shared machine spreads over all targets.
+
+The client-auth scenario (issue 10) starts a second mirror with
+``auth.htpasswd`` and compares it with the first, auth off against auth on.
 
 Usage: ``python -m tests.bench [--quick] [--profile] [--out DIR]``.
 """
@@ -28,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.integration.conftest import Published, Publisher
 from tests.integration.skopeo import Skopeo
 from tests.integration.tools import find_tool
@@ -35,8 +41,15 @@ from tests.integration.upstream import RequestLog, Upstream
 
 from . import pull, report, system
 from .profile import Profiler
-from .report import Herd, Load, TargetResults
-from .targets import Direct, MirrorTarget, NginxCache, ProxyRegistry, Target
+from .report import AuthSide, ClientAuthResults, Herd, Load, TargetResults
+from .targets import (
+    AuthMirrorTarget,
+    Direct,
+    MirrorTarget,
+    NginxCache,
+    ProxyRegistry,
+    Target,
+)
 from .wrk import WrkResult, run_wrk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +74,14 @@ class Settings:
     manifest_connections: int = 32
     wrk_threads: int = 2
     rounds: int = 3
+    # Client auth: the cost of the users' bcrypt hashes (bcrypt's default;
+    # `htpasswd -B` defaults to 5), and repetitions that --quick keeps too,
+    # since its checks are a 10% margin that one short round cannot settle
+    # (a warm pull varies by more than that from one to the next).
+    auth_bcrypt_cost: int = 12
+    auth_rounds: int = 3
+    auth_pull_repeats: int = 11
+    auth_new_logins: int = 3
 
 
 FULL = Settings()
@@ -92,6 +113,34 @@ def find_tools(names: Sequence[str]) -> dict[str, str]:
     return {name: path for name, path in found.items() if path is not None}
 
 
+@dataclass(frozen=True)
+class AuthArm:
+    """One side of the client-auth scenario: a mirror, where its numbers go,
+    and the ``Authorization`` value it is sent (None: auth off)."""
+
+    target: Target
+    side: AuthSide
+    authorization: str | None
+
+    @property
+    def name(self) -> str:
+        return "auth off" if self.authorization is None else "auth on"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return (
+            {} if self.authorization is None else {"Authorization": self.authorization}
+        )
+
+    async def pull_image(self, image: Published) -> pull.PullResult:
+        return await pull.pull_once(
+            self.target.url,
+            image.repository,
+            image.tag,
+            authorization=self.authorization,
+        )
+
+
 class Bench:
     """One run: the processes it started and the numbers it took."""
 
@@ -116,11 +165,16 @@ class Bench:
         self.caches: list[Target] = []
         self.direct = Direct(self.upstream)
         self.results: dict[str, TargetResults] = {}
+        self.client_auth: ClientAuthResults | None = None
         self.profiles: dict[str, Any] = {}
 
     @property
     def everyone(self) -> list[Target]:
         return [*self.caches, self.direct]
+
+    @property
+    def mirror(self) -> Target:
+        return next(cache for cache in self.caches if cache.name == "mirror")
 
     # --- set-up ---------------------------------------------------------------
 
@@ -309,6 +363,127 @@ class Bench:
             result.manifest_digest = by_kind["digest"][name]
             result.manifest_tag = by_kind["tag"][name]
 
+    async def client_auth_scenario(self, image: Published) -> None:
+        """Scenario 7: mirror with auth on against the same mirror with auth off.
+
+        A second mirror with ``auth.htpasswd`` is started and filled by one
+        pull. Then, alternating the two mirrors inside each round, scenario
+        5's wrk load on the manifest by digest and by tag (the auth mirror's
+        with credentials on every request), and warm pulls, median of
+        ``auth_pull_repeats``. Last, ``auth_new_logins`` auth-on pulls, each
+        with a login the mirror has not seen, so each pays one bcrypt check:
+        what a pull costs once the mirror's verified login has expired (after
+        a minute); compared with nothing. Every auth-on load is checked to be
+        authenticated (``_auth_load``, ``_auth_pulls``).
+        """
+        cost = self.settings.auth_bcrypt_cost
+        secured = AuthMirrorTarget(
+            upstream_url=self.upstream.url,
+            workdir=self.workdir / "mirror-auth",
+            bcrypt_cost=cost,
+            spare_users=self.settings.auth_new_logins,
+        )
+        await asyncio.to_thread(secured.start)
+        self.stack.callback(secured.stop)
+        result = ClientAuthResults(
+            bcrypt_cost=cost, bcrypt_seconds=await asyncio.to_thread(time_bcrypt, cost)
+        )
+        self.client_auth = result
+        say(f"client auth: bcrypt cost {cost}, {result.bcrypt_seconds:.3f} s a check")
+        arms = (
+            AuthArm(self.mirror, result.off, None),
+            AuthArm(secured, result.on, secured.authorization()),
+        )
+        await arms[1].pull_image(image)  # fills the auth mirror's cache; not measured
+        for kind, path in self.manifest_paths(image).items():
+            label = f"manifest by {kind}"
+            for _ in range(self.settings.auth_rounds):
+                for arm in arms:
+                    wrk, upstream = await self._auth_load(arm, label, path)
+                    arm.side.manifest(kind).add(wrk, upstream)
+                    say(
+                        f"{arm.name}, {label}: {wrk.requests_per_second:.0f} req/s, "
+                        f"{upstream} upstream requests"
+                    )
+        await self._auth_pulls(image, arms)
+        for number in range(1, self.settings.auth_new_logins + 1):
+            first = AuthArm(secured, result.on, secured.authorization(number))
+            result.on.first_login_pull.append((await first.pull_image(image)).seconds)
+        for arm in arms:
+            say(f"{arm.name}, warm pull: {arm.side.warm:.3f} s")
+        say(f"auth on, warm pull with a new login: {result.on.first_login:.3f} s")
+
+    async def _auth_load(
+        self, arm: AuthArm, label: str, path: str
+    ) -> tuple[WrkResult, int]:
+        """One wrk run of the client-auth scenario.
+
+        With credentials, checked to be authenticated request by request:
+        the URL without them is a 401 Basic challenge, with them a 200 (in
+        ``load``), wrk saw no error status, and the mirror's login counter
+        admitted at least as many logins as wrk made requests. Raises
+        PullError otherwise.
+        """
+        headers = {**pull.MANIFEST_HEADERS, **arm.headers}
+        seconds = self.settings.manifest_seconds
+        connections = self.settings.manifest_connections
+        if arm.authorization is None:
+            return await self.load(
+                arm.target,
+                path,
+                seconds=seconds,
+                connections=connections,
+                headers=headers,
+            )
+        url = f"{arm.target.url}{path}"
+        async with (
+            pull.new_session() as session,
+            session.get(url, headers=pull.MANIFEST_HEADERS) as response,
+        ):
+            await response.read()
+            pull.check_challenge(response, f"GET {url}")
+        before = await logins(arm.target.url)
+        wrk, upstream = await self.load(
+            arm.target, path, seconds=seconds, connections=connections, headers=headers
+        )
+        moved = counter_delta(before, await logins(arm.target.url))
+        admitted = moved.get("cached", 0) + moved.get("verified", 0)
+        if wrk.errors["status"] or admitted < wrk.requests:
+            raise pull.PullError(
+                f"{label} on {arm.target.name}: {wrk.requests} requests, "
+                f"{wrk.errors['status']} error statuses, {admitted} logins admitted: "
+                "not every request was authenticated"
+            )
+        arm.side.logins.append({"load": label, "requests": wrk.requests, **moved})
+        return wrk, upstream
+
+    async def _auth_pulls(self, image: Published, arms: Sequence[AuthArm]) -> None:
+        """Warm pulls, alternating between the arms, after one each not
+        measured (a verified login, the page cache warm).
+
+        The auth-on pulls are checked to be authenticated: each made one
+        request without credentials (the ping) and had every other admitted.
+        Raises PullError otherwise.
+        """
+        for arm in arms:
+            await arm.pull_image(image)
+        secured = next(arm for arm in arms if arm.authorization is not None)
+        before = await logins(secured.target.url)
+        pulls = self.settings.auth_pull_repeats
+        for _ in range(pulls):
+            for arm in arms:
+                arm.side.warm_pull.append((await arm.pull_image(image)).seconds)
+        moved = counter_delta(before, await logins(secured.target.url))
+        # Each pull: the ping, then HEAD, GET of the manifest and the blobs.
+        per_pull = 2 + len(image.single.blob_digests)
+        admitted = moved.get("cached", 0) + moved.get("verified", 0)
+        if moved.get("missing", 0) != pulls or admitted != pulls * per_pull:
+            raise pull.PullError(
+                f"{pulls} warm pulls on {secured.target.name}: logins {moved}, "
+                f"expected {pulls} missing and {pulls * per_pull} admitted"
+            )
+        secured.side.logins.append({"load": "warm pulls", "pulls": pulls, **moved})
+
     def note_memory(self, scenario: str) -> None:
         """Each cache's peak RSS so far, to tell which scenario set it."""
         for cache in self.caches:
@@ -326,7 +501,7 @@ class Bench:
 
     async def profile_mirror(self, image: Published) -> None:
         """py-spy on mirror during blob and manifest loads (not measured)."""
-        mirror = next(cache for cache in self.caches if cache.name == "mirror")
+        mirror = self.mirror
         pid = mirror.root_pid()
         assert pid is not None
         layer = max(image.single.layers, key=lambda layer: layer.descriptor.size)
@@ -396,6 +571,7 @@ async def bench(
             "herd": functools.partial(run.herds, herd_images),
             "cached blob": functools.partial(run.blob_throughput, image),
             "manifests": functools.partial(run.manifests, image),
+            "client auth": functools.partial(run.client_auth_scenario, image),
         }
         for scenario, scenario_run in scenarios.items():
             await scenario_run()
@@ -404,9 +580,12 @@ async def bench(
             await run.profile_mirror(image)
         run.read_memory()
         machine["load_average_at_end"] = system.load_average()
-    checks = report.evaluate(run.results)
+    checks = report.evaluate(run.results, run.client_auth)
     print()
     print(report.text_table(run.results))
+    if run.client_auth is not None:
+        print()
+        print(report.auth_text_table(run.client_auth))
     print()
     print(report.checks_text(checks))
     json_path, md_path = report.write(
@@ -416,8 +595,39 @@ async def bench(
         results=run.results,
         checks=checks,
         profiles=run.profiles,
+        client_auth=run.client_auth,
     )
     print(f"\nwrote {json_path} and {md_path}")
+
+
+def time_bcrypt(cost: int, repeats: int = 3) -> float:
+    """Seconds of one ``bcrypt.checkpw`` at ``cost`` here (median)."""
+    hashed = bcrypt.hashpw(b"bench", bcrypt.gensalt(rounds=cost))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        bcrypt.checkpw(b"bench", hashed)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+async def logins(base: str) -> dict[str, int]:
+    """mirror's ``mirror_client_auth_total`` by result, from its /metrics."""
+    async with pull.new_session() as session, session.get(f"{base}/metrics") as got:
+        text = await got.text()
+        if got.status != 200:
+            raise pull.PullError(f"GET {base}/metrics: HTTP {got.status}")
+    return {
+        sample.labels["result"]: int(sample.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == "mirror_client_auth"
+        for sample in family.samples
+        if sample.name == "mirror_client_auth_total"
+    }
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {key: value - before.get(key, 0) for key, value in sorted(after.items())}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one round of everything: about 75 s instead of 6 minutes",
+        help="one round of everything (three of client auth): about 140 s "
+        "instead of 9 minutes",
     )
     parser.add_argument(
         "--profile",

@@ -10,13 +10,16 @@ started with empty caches in front of the same upstream registry:
 * ``NginxCache``: nginx as a caching reverse proxy, configured the way a
   careful operator would for a registry (see ``nginx_config``).
 
-plus ``Direct``, the upstream itself, for the no-mirror limit. Every target
-can be reset to an empty cache (stop, wipe, start), which is how cold pulls
-are repeated.
+plus ``Direct``, the upstream itself, for the no-mirror limit, and
+``AuthMirrorTarget``, mirror configured as ``MirrorTarget`` but with client
+authentication on (``[auth] htpasswd`` of bcrypt hashes), which only the
+client-auth scenario uses. Every target can be reset to an empty cache (stop,
+wipe, start), which is how cold pulls are repeated.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -26,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from tests.integration.mirror_process import MirrorProcess
+import bcrypt
+
+from tests.integration.mirror_process import MirrorProcess, toml_string
 from tests.integration.tools import ManagedProcess, ProcessDied, free_port, http_status
 from tests.integration.upstream import Upstream, registry_config
 
@@ -34,6 +39,9 @@ from tests.integration.upstream import Upstream, registry_config
 # like with like; distribution's proxy asks upstream on every tag request.
 TAG_TTL = "1m"
 LONG_TTL = "7d"
+# mirror's settings as measured, after ``[cache] dir``: tag freshness as for
+# nginx, warning-level logs, no access log (a line per request costs).
+MIRROR_TOML = f'tag_ttl = "{TAG_TTL}"\n\n[log]\nlevel = "warning"\naccess_log = false\n'
 
 
 class Target(Protocol):
@@ -126,10 +134,7 @@ class MirrorTarget:
         self.process = MirrorProcess(
             upstream_url=self.upstream_url,
             workdir=self.workdir,
-            extra_toml=(
-                f'tag_ttl = "{TAG_TTL}"\n'
-                '\n[log]\nlevel = "warning"\naccess_log = false\n'
-            ),
+            extra_toml=MIRROR_TOML,
         )
 
     @property
@@ -137,6 +142,84 @@ class MirrorTarget:
         return self.process.url
 
     def start(self) -> None:
+        self.process.start()
+
+    def root_pid(self) -> int | None:
+        managed = self.process.process
+        return None if managed is None else managed.pid
+
+    def reset(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.process.cache_dir, ignore_errors=True)
+        self.process.start()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def basic_authorization(user: str, password: str) -> str:
+    """The ``Authorization`` header value of HTTP Basic credentials."""
+    encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return f"Basic {encoded}"
+
+
+@dataclass
+class AuthMirrorTarget:
+    """mirror as ``MirrorTarget`` runs it, plus ``[auth] htpasswd``.
+
+    The htpasswd file holds the user ``ci`` and ``spare_users`` more
+    (``ci-1``, ``ci-2``, ...: logins the mirror has not seen, for pulls that
+    must pay a bcrypt check), each with a hash of ``bcrypt_cost`` rounds
+    (made with the ``bcrypt`` package, as ``htpasswd -B -C <cost>`` would);
+    it is written at the first start. ``authorization()`` is the header value
+    a client sends as one of them. Ready when ``GET /v2/`` without
+    credentials is a 401. Its own cache directory: the plain mirror's is not
+    shared.
+    """
+
+    upstream_url: str
+    workdir: Path
+    bcrypt_cost: int
+    spare_users: int = 0
+    name: str = "mirror+auth"
+    password: str = "bench-s3cret"
+    process: MirrorProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = MirrorProcess(
+            upstream_url=self.upstream_url,
+            workdir=self.workdir,
+            extra_toml=(
+                f"{MIRROR_TOML}\n[auth]\nhtpasswd = {toml_string(str(self.htpasswd))}\n"
+            ),
+            ready_status=401,
+        )
+
+    @property
+    def htpasswd(self) -> Path:
+        return self.workdir / "htpasswd"
+
+    @staticmethod
+    def user(number: int = 0) -> str:
+        return f"ci-{number}" if number else "ci"
+
+    def authorization(self, number: int = 0) -> str:
+        """Basic credentials of ``user(number)`` (0: ``ci``)."""
+        return basic_authorization(self.user(number), self.password)
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def start(self) -> None:
+        if not self.htpasswd.exists():
+            lines = []
+            for number in range(self.spare_users + 1):
+                salt = bcrypt.gensalt(rounds=self.bcrypt_cost)
+                hashed = bcrypt.hashpw(self.password.encode(), salt).decode()
+                lines.append(f"{self.user(number)}:{hashed}\n")
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.htpasswd.write_text("".join(lines))
         self.process.start()
 
     def root_pid(self) -> int | None:

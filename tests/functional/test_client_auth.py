@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -131,7 +132,7 @@ async def test_repeated_failures_from_one_address_are_throttled(
     counted = await results(mirror)
     assert counted["rejected"] == 10
     assert counted["throttled"] == 1
-    assert "verified" not in counted
+    assert counted["verified"] == 0
     mirror.clock.advance(61)
     resp = await mirror.client.get("/v2/", headers=basic("ci", "s3cret"))
     assert resp.status == 200
@@ -156,3 +157,19 @@ def test_an_htpasswd_file_that_does_not_load_is_a_config_error(
     assert message in str(raised.value)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(None, {"MIRROR_AUTH_HTPASSWD": str(tmp_path / "missing")})
+
+
+async def test_concurrent_first_logins_share_one_bcrypt_check_and_use_renews_it(
+    make_mirror: MirrorFactory, tmp_path: Path
+) -> None:
+    mirror = await with_users(make_mirror, tmp_path, {"ci": "s3cret"})
+    statuses = await asyncio.gather(
+        *(mirror.client.get("/v2/", headers=basic("ci", "s3cret")) for _ in range(20))
+    )
+    assert {r.status for r in statuses} == {200}
+    assert (await results(mirror))["verified"] == 1
+    for _ in range(3):  # used within every minute: still remembered
+        mirror.clock.advance(50)
+        resp = await mirror.client.get("/v2/", headers=basic("ci", "s3cret"))
+        assert resp.status == 200
+    assert (await results(mirror))["verified"] == 1
