@@ -42,8 +42,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fakes.tls import CertificateAuthority, TlsFiles
 
 from . import expect
-from .conftest import Publisher, running_containerd, start_or_fail, unique, watch_log
+from .conftest import (
+    DockerFactory,
+    Publisher,
+    running_containerd,
+    start_or_fail,
+    unique,
+    watch_log,
+)
 from .daemon_dirs import make_daemon_dir, remove_daemon_dir
+from .docker_daemon import API, DockerEngine
 from .mirror_process import MirrorProcess, toml_string
 from .podman import Podman
 from .skopeo import Skopeo, write_cert_dir
@@ -413,4 +421,62 @@ async def test_metrics_move_to_the_admin_port_and_count_refused_logins(
         assert_challenge(await get(mirror, "/v2/", auth=(USER, password)))
     after = await logins(setup, mirror)
     assert delta(after, before, "rejected") == 3, (before, after)
-    assert "throttled" not in after, after
+    assert after.get("throttled", 0.0) == 0.0, after
+
+
+# --- docker login ---------------------------------------------------------------
+
+
+async def test_docker_login_and_a_pull_by_the_mirrors_name_use_its_password(
+    mirror: MirrorProcess,
+    upstream: Upstream,
+    publish: Publisher,
+    docker_factory: DockerFactory,
+) -> None:
+    """`docker login mirror:port` (the Engine's POST /auth) checks the
+    password against the mirror's Basic challenge, and a pull of
+    `mirror:port/<name>` sends it (X-Registry-Auth, as the CLI does).
+    dockerd treats 127.0.0.0/8 as an insecure registry, so it does not
+    verify the mirror's certificate here (see test_tls.py)."""
+    published = await publish.image(
+        unique("library/auth-docker-"), layer_sizes=[200_000]
+    )
+    daemon = docker_factory(mirror)
+    mark = upstream.mark()
+
+    def auth(password: str) -> dict[str, str]:
+        return {"username": USER, "password": password, "serveraddress": mirror.host}
+
+    async with DockerEngine(daemon.socket_path) as engine:
+        async with engine.session.post(f"{API}/auth", json=auth(PASSWORD)) as resp:
+            body = await resp.json()
+            assert resp.status == 200, body
+            assert body["Status"] == "Login Succeeded"
+        async with engine.session.post(f"{API}/auth", json=auth("wrong")) as resp:
+            assert resp.status != 200, await resp.read()
+
+        image = f"{mirror.host}/{published.repository}"
+        params = {"fromImage": image, "tag": published.tag}
+        status, refused = await pull_messages(engine, params, None)
+        assert status != 200 or any("error" in m for m in refused), refused
+        assert len(upstream.requests_now(mark)) == 0
+        header = base64.urlsafe_b64encode(json.dumps(auth(PASSWORD)).encode()).decode()
+        status, pulled = await pull_messages(engine, params, header)
+        assert status == 200, pulled
+        assert not [m for m in pulled if "error" in m], pulled
+        found = await engine.inspect(f"{image}:{published.tag}")
+        assert found is not None
+        assert f"{image}@{published.digest}" in found["RepoDigests"]
+
+
+async def pull_messages(
+    engine: DockerEngine, params: dict[str, str], registry_auth: str | None
+) -> tuple[int, list[dict[str, Any]]]:
+    """POST /images/create: its status and the messages it streamed."""
+    headers = {} if registry_auth is None else {"X-Registry-Auth": registry_auth}
+    async with engine.session.post(
+        f"{API}/images/create", params=params, headers=headers
+    ) as resp:
+        body = await resp.read()
+    lines = body.decode().splitlines()
+    return resp.status, [json.loads(line) for line in lines if line.strip()]
