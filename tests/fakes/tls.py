@@ -76,24 +76,33 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
 class CertificateAuthority:
     """A CA that exists only in memory (and the files it is written to)."""
 
-    def __init__(self, name: str = "mirror test CA") -> None:
+    def __init__(
+        self,
+        name: str = "mirror test CA",
+        *,
+        issuer: CertificateAuthority | None = None,
+    ) -> None:
+        """A root CA, or with ``issuer`` an intermediate CA it signs."""
         self.name = name
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         public = self._key.public_key()
-        self.certificate = (
+        issuer_name = issuer.certificate.subject if issuer else subject
+        self.certificate: x509.Certificate = (
             x509.CertificateBuilder()
             .subject_name(subject)
-            .issuer_name(subject)
+            .issuer_name(issuer_name)
             .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+            .add_extension(
+                x509.BasicConstraints(ca=True, path_length=0 if issuer else 1), True
+            )
             .add_extension(_key_usage(ca=True), True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
-            .sign(self._key, hashes.SHA256())
+            .sign(issuer._key if issuer else self._key, hashes.SHA256())
         )
 
     @property

@@ -307,3 +307,25 @@ def test_sighup_applies_other_keys_while_the_certificate_is_mid_rotation(
 
     reload_config(apply, config_file)
     assert [c.cache.tag_ttl for c in applied] == [120.0]
+
+
+async def test_a_certificate_file_may_carry_its_chain(
+    start: ServeFactory, tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    """The leaf, then the intermediate that signed it: a client that trusts
+    only the root verifies the chain the mirror sends."""
+    intermediate = CertificateAuthority("mirror test intermediate", issuer=ca)
+    leaf = intermediate.issue()
+    files = write(leaf, tmp_path / "tls")
+    files.cert_file.write_bytes(leaf.certificate_pem + intermediate.pem)
+    ca.write(files.ca_file)  # the root alone
+    served = await start(**tls_settings(files))
+    der_now, writer = await peer_certificate(served, files.client_context())
+    assert der_now == der(leaf)
+    await close(writer)
+    # Without the intermediate in the file, the same client cannot verify.
+    files.cert_file.write_bytes(leaf.certificate_pem)
+    os.kill(os.getpid(), signal.SIGHUP)
+    await served.until("mirror_tls_reloads_total", 1, within=5, result="ok")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await peer_certificate(served, files.client_context())
