@@ -55,7 +55,7 @@ from mirror.config import (
 )
 from mirror.errors import MirrorError
 from mirror.metrics import Metrics
-from mirror.reference import parse_digest, parse_name, parse_tag
+from mirror.reference import names_a_registry, parse_digest, parse_name, parse_tag
 
 
 class OpsError(Exception):
@@ -126,7 +126,7 @@ def parse_image_ref(text: str, *, default_tag: str | None = None) -> ImageRef:
     rest, at, digest = text.strip().partition("@")
     registry = DOCKER_IO
     first, slash, after = rest.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
+    if slash and names_a_registry(first):
         try:
             host = parse_registry_host(first)
         except ValueError:

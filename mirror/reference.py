@@ -73,6 +73,13 @@ def parse_digest(text: str) -> Digest:
     return Digest(algorithm, encoded)
 
 
+def names_a_registry(component: str) -> bool:
+    """Docker's rule for the first component of an image name: a registry
+    host if it has a `.` or a `:` or is `localhost` (no Docker Hub namespace
+    has either character)."""
+    return "." in component or ":" in component or component == "localhost"
+
+
 def is_digest(reference: str) -> bool:
     """True when a manifest reference is a digest rather than a tag."""
     return ":" in reference

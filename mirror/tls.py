@@ -64,8 +64,13 @@ def server_context(
     return context
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced or rewritten."""
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """What changes when a file is replaced or rewritten (its inode, mtime
+    and size); None if it cannot be looked at. Used to notice that a
+    watched file (a certificate, an htpasswd file) changed."""
     try:
         st = os.stat(path)
     except OSError:
@@ -92,8 +97,8 @@ class ServerTls:
         self.context = server_context(cert, key, client_ca)
         self.context.sni_callback = self._switch
 
-    def _read_stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
-        return tuple(_stamp(p) for p in self._files if p is not None)
+    def _read_stamps(self) -> tuple[FileStamp | None, ...]:
+        return tuple(file_stamp(p) for p in self._files if p is not None)
 
     def _switch(
         self, connection: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext

@@ -29,7 +29,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from mirror.api.routes import Middleware
 from mirror.htpasswd import HtpasswdError, read_htpasswd
 from mirror.metrics import Metrics
 from mirror.singleflight import SingleFlight
+from mirror.tls import FileStamp, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ _BCRYPT_AT_ONCE = 4
 _MAX_FAILURES = 10
 _FAILURE_WINDOW = 60.0
 _ADDRESSES_MAX = 65536
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +81,7 @@ class ClientAuth:
         self._path = path
         self._clock = clock
         self._users: dict[str, bytes] = {}
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._loaded = False
         self._checked = 0.0
         self._key = secrets.token_bytes(32)
@@ -110,7 +102,7 @@ class ClientAuth:
         if self._loaded and now - self._checked < _CHECK_EVERY:
             return
         self._checked = now
-        stamp = _stamp(self._path)
+        stamp = file_stamp(self._path)
         if self._loaded and stamp == self._stamp:
             return
         self._stamp, self._loaded = stamp, True

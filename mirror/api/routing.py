@@ -36,6 +36,7 @@ from cachetools import LRUCache
 from mirror.config import parse_registry_host
 from mirror.errors import NameInvalid, NameUnknown
 from mirror.logutil import OncePer
+from mirror.reference import names_a_registry
 from mirror.registry import Registries, Registry
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Router:
                 name, prefix = rest, first
         elif prefixed is not None:
             registry, name, prefix = prefixed, rest, first
-        elif slash and _looks_like_host(first):
+        elif slash and names_a_registry(first):
             # Docker Hub's namespaces have no `.` or `:`: this names a
             # registry, one not configured. Docker Hub is not asked.
             raise self._unknown(first)
@@ -117,7 +118,7 @@ class Router:
         return route
 
     def _prefix(self, component: str) -> Registry | None:
-        return self.registries.get(component) if _looks_like_host(component) else None
+        return self.registries.get(component) if names_a_registry(component) else None
 
     def _unknown(self, ns: str) -> NameUnknown:
         """The error for an `ns` naming no configured registry; logs the host
@@ -152,12 +153,6 @@ class Router:
                 ),
             },
         )
-
-
-def _looks_like_host(component: str) -> bool:
-    """Docker's rule for the first component of a name: a registry host if it
-    has a `.` or a `:` or is `localhost`."""
-    return "." in component or ":" in component or component == "localhost"
 
 
 async def echo_namespace(request: web.Request, response: web.StreamResponse) -> None:
