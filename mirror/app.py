@@ -14,8 +14,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -112,6 +115,8 @@ def create_app(
         clock=clock,
     )
     handlers = RegistryHandlers(cache, metrics, send_timeout=config.server.send_timeout)
+    metrics.ready.set_function(lambda: 1.0 if cache.readiness()[0] else 0.0)
+    metrics.disk_free.set_function(lambda: _free_bytes(config.cache.dir))
 
     middlewares = [metrics_middleware(metrics)]
     policy = ClientPolicy.of(config.server, metrics)
@@ -232,6 +237,14 @@ async def _housekeeping(
                 await evictor.load()
         except Exception:
             log.exception("housekeeping failed; will retry")
+
+
+def _free_bytes(path: Path) -> float:
+    """Free bytes on `path`'s file system; NaN when it cannot be read."""
+    try:
+        return float(shutil.disk_usage(path).free)
+    except OSError:
+        return math.nan
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

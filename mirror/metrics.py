@@ -7,11 +7,33 @@ a repository or a digest.
 
 from __future__ import annotations
 
+import platform
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
-_Collector = TypeVar("_Collector", Counter, Gauge)
+from mirror import __revision__, __version__
+
+_Collector = TypeVar("_Collector", Counter, Gauge, Histogram)
+
+# A `_created` series per counter doubles what a scrape carries and no
+# dashboard or alert reads it.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# The `cache` label of request metrics: what the cache did for a request.
+# hit: served from the cache; miss: fetched from upstream; joined: attached
+# to a fetch in flight; stale: cached content served because upstream
+# failed; uncached: relayed without being stored (tags/list, a blob too
+# large for the budget or the disk); none: no cache lookup (/v2/, errors).
+CACHE_RESULTS = ("hit", "miss", "joined", "stale", "uncached", "none")
 
 
 class Metrics:
@@ -20,6 +42,23 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_* (open fds, RSS, CPU, start time) and python_info.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            "mirror_build_info",
+            "Always 1; the labels say which mirror is running.",
+            ["version", "revision", "python"],
+            registry=r,
+        )
+        self.build_info.labels(
+            __version__, __revision__, platform.python_version()
+        ).set(1)
+        self.ready = Gauge(
+            "mirror_ready",
+            "1 while /readyz answers 200, else 0.",
+            registry=r,
+        )
         self.http_requests = Counter(
             "mirror_http_requests",
             "HTTP requests answered, by route, method and status code.",
@@ -28,8 +67,9 @@ class Metrics:
         )
         self.http_duration = Histogram(
             "mirror_http_request_duration_seconds",
-            "Time to answer a request, headers to last byte, by route.",
-            ["route"],
+            "Time to answer a request, headers to last byte, by route and "
+            "cache result (hit, miss, joined, stale, uncached, none).",
+            ["route", "cache"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
             registry=r,
         )
@@ -47,6 +87,21 @@ class Metrics:
             ["registry", "kind", "result"],
             registry=r,
         )
+        self.upstream_first_byte = Histogram(
+            "mirror_upstream_first_byte_seconds",
+            "Time from sending an upstream request to its response headers, "
+            "by kind (each redirect and auth round trip is one request).",
+            ["registry", "kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.upstream_throttled = Gauge(
+            "mirror_upstream_throttled",
+            "1 while the mirror asks upstream for no pulls after a 429 "
+            "(until Retry-After or the window passes), else 0.",
+            ["registry"],
+            registry=r,
+        )
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes",
             "Body bytes received from upstream, by kind.",
@@ -55,7 +110,8 @@ class Metrics:
         )
         self.served_bytes = Counter(
             "mirror_served_bytes",
-            "Blob bytes sent to clients, by source (cache or upstream).",
+            "Blob bytes sent to clients, by source (cache: from disk, an "
+            "upstream download saved; upstream: while downloading).",
             ["source"],
             registry=r,
         )
@@ -119,6 +175,16 @@ class Metrics:
         self.cache_max_size = Gauge(
             "mirror_cache_max_size_bytes",
             "The cache's size budget, cache.max_size.",
+            registry=r,
+        )
+        self.cache_min_free = Gauge(
+            "mirror_cache_min_free_bytes",
+            "Free disk space eviction keeps, cache.min_free.",
+            registry=r,
+        )
+        self.disk_free = Gauge(
+            "mirror_cache_disk_free_bytes",
+            "Free space on cache.dir's file system, read at each scrape.",
             registry=r,
         )
         self.cache_blobs = Gauge(
@@ -244,6 +310,8 @@ class RegistryMetrics:
         # would claim a limit of 0.
         self.ratelimit_limit = _Bound(metrics.ratelimit_limit, registry)
         self.ratelimit_remaining = _Bound(metrics.ratelimit_remaining, registry)
+        self.first_byte = _Bound(metrics.upstream_first_byte, registry)
         self.up = metrics.upstream_up.labels(registry)
+        self.throttled = metrics.upstream_throttled.labels(registry)
         self.denials = metrics.repository_denials.labels(registry)
         self.blob_resumes = metrics.blob_resumes.labels(registry)

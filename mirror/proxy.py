@@ -36,6 +36,7 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from mirror import outcome
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.metadata import MetadataStore, ReferrersRecord, TagRecord
@@ -218,11 +219,11 @@ class PullThroughCache:
                 )
                 self._manifests[key] = cached
         if cached is not None:
-            registry.metrics.cache_requests.labels("manifest", "hit").inc()
+            _count(registry, "manifest", "hit")
             self.metadata.touch_manifest(key, now)
             return cached
         result = "joined" if self._manifest_fetches.in_flight(key) else "miss"
-        registry.metrics.cache_requests.labels("manifest", result).inc()
+        _count(registry, "manifest", result)
         if not body:
             # A GET would count as a Docker Hub pull; a HEAD does not.
             info = await registry.upstream.head_manifest(repository, key)
@@ -306,9 +307,8 @@ class PullThroughCache:
             if record is not None:
                 self._tags[key] = record
         now = self.clock()
-        counted = registry.metrics.cache_requests
         if record is not None and now - record.checked < registry.tag_ttl:
-            counted.labels("tag", "hit").inc()
+            _count(registry, "tag", "hit")
             self.metadata.touch_tag(registry.name, repository, tag, now)
             return record, False
         result = "joined" if self._tag_checks.in_flight(key) else "miss"
@@ -321,9 +321,9 @@ class PullThroughCache:
             )
         except (UpstreamError, DigestMismatch) as exc:
             if record is None or not self._may_serve_stale(registry, record):
-                counted.labels("tag", result).inc()
+                _count(registry, "tag", result)
                 raise
-            counted.labels("tag", "stale").inc()
+            _count(registry, "tag", "stale")
             log.warning(
                 "upstream failed revalidating %s/%s:%s (%s); serving cached %s",
                 registry.name,
@@ -333,7 +333,7 @@ class PullThroughCache:
                 record.digest,
             )
             return record, True
-        counted.labels("tag", result).inc()
+        _count(registry, "tag", result)
         return fresh, False
 
     def _may_serve_stale(
@@ -430,17 +430,16 @@ class PullThroughCache:
     ) -> CachedBlob | Reader:
         """The cached file, or a reader of the download in flight (started
         here if there is none). One event-loop step, no await."""
-        counted = registry.metrics.cache_requests
         download = self._downloads.get(digest)
         if download is None:
             # A stat of a cached dentry takes microseconds; doing it inline
             # keeps the map check and the store check in one event-loop step.
             size = _file_size(self.blobs.path(digest))
             if size is not None:
-                counted.labels("blob", "hit").inc()
+                _count(registry, "blob", "hit")
                 self.metadata.touch_blob(str(digest), self.clock())
                 return CachedBlob(self.blobs.path(digest), size)
-            counted.labels("blob", "miss").inc()
+            _count(registry, "blob", "miss")
             download = BlobDownload(
                 registry, repository, digest, self._download_context, self._detach
             )
@@ -450,7 +449,7 @@ class PullThroughCache:
                 lambda _t: self._running.discard(download)
             )
         else:
-            counted.labels("blob", "joined").inc()
+            _count(registry, "blob", "joined")
         return download.attach()
 
     async def blob_size(
@@ -501,9 +500,8 @@ class PullThroughCache:
 
         Raises ReferrersUnknown (upstream said 404), UpstreamError.
         """
-        counted = registry.metrics.cache_requests
         if set(params) - {"artifactType"}:
-            counted.labels("referrers", "miss").inc()
+            _count(registry, "referrers", "miss")
             answer = await registry.upstream.get_referrers(
                 repository, str(digest), params
             )
@@ -517,7 +515,7 @@ class PullThroughCache:
         record = await self.metadata.get_referrers(*key)
         stale = False
         if record is not None and self.clock() - record.checked < registry.tag_ttl:
-            counted.labels("referrers", "hit").inc()
+            _count(registry, "referrers", "hit")
         else:
             result = "joined" if self._referrer_checks.in_flight(key) else "miss"
             try:
@@ -526,7 +524,7 @@ class PullThroughCache:
                 )
             except UpstreamError as exc:
                 if record is None or not self._may_serve_stale(registry, record):
-                    counted.labels("referrers", result).inc()
+                    _count(registry, "referrers", result)
                     raise
                 log.warning(
                     "upstream failed listing referrers of %s in %s/%s (%s); "
@@ -537,7 +535,7 @@ class PullThroughCache:
                     exc.message,
                 )
                 result, stale = "stale", True
-            counted.labels("referrers", result).inc()
+            _count(registry, "referrers", result)
         if record.status == 404:
             raise ReferrersUnknown(str(digest))
         return Referrers(record.media_type, record.body, record.filters, None, stale)
@@ -594,6 +592,12 @@ class PullThroughCache:
             "downloads_in_progress": len(self._downloads),
         }
         return len(problems) < len(self.registries), details
+
+
+def _count(registry: Registry, kind: str, result: str) -> None:
+    """Count a cache lookup, and note it on the request it was made for."""
+    registry.metrics.cache_requests.labels(kind, result).inc()
+    outcome.note_cache(registry.name, result)
 
 
 def _file_size(path: Path) -> int | None:

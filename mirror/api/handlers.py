@@ -20,6 +20,7 @@ from typing import BinaryIO
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mirror import outcome
 from mirror.api.errors import API_VERSION_HEADER
 from mirror.api.routing import Router
 from mirror.download import Reader
@@ -72,10 +73,11 @@ class RegistryHandlers:
         manifest = await self.cache.manifest(
             route.registry, route.repository, reference, body=not head
         )
-        return web.Response(
-            body=None if head else manifest.body,
-            headers=_manifest_headers(manifest),
-        )
+        headers = _manifest_headers(manifest)
+        done = outcome.current()
+        if done is not None and done.cache is not None:
+            headers[CACHE_HEADER] = done.cache
+        return web.Response(body=None if head else manifest.body, headers=headers)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         route = self.router.route(request)
@@ -98,11 +100,14 @@ class RegistryHandlers:
             if isinstance(source, CachedBlob):
                 headers[CACHE_HEADER] = "hit"
                 return await self._send_cached(request, source, headers)
+            done = outcome.current()
+            headers[CACHE_HEADER] = done.cache if done and done.cache else "miss"
             try:
-                headers[CACHE_HEADER] = "miss"
                 return await self._stream_download(request, source, headers)
             finally:
                 source.close()
+                if done is not None and not source.download.cached:
+                    done.note_cache("uncached")
 
     async def _send_cached(
         self, request: web.Request, blob: CachedBlob, headers: dict[str, str]
@@ -154,10 +159,13 @@ class RegistryHandlers:
             began = loop.time()
             try:
                 async with asyncio.timeout(self.send_timeout):
-                    await loop.sendfile(transport, file, offset, count)
+                    sent = await loop.sendfile(transport, file, offset, count)
             except TimeoutError:
                 self._stalled(request, "cached blob")
                 raise
+            done = outcome.current()
+            if done is not None:
+                done.sent += sent
             offset += count
             rate = count / max(loop.time() - began, 1e-6)
             piece = int(min(_MAX_PIECE, max(_MIN_PIECE, rate * _PIECE_SECONDS)))
@@ -221,6 +229,7 @@ class RegistryHandlers:
         route = self.router.route(request)
         params = {k: request.query[k] for k in TAGS_PARAMS if k in request.query}
         result = await self.cache.list_tags(route.registry, route.repository, params)
+        outcome.note_cache(route.registry.name, "uncached")
         headers = dict(API_VERSION_HEADER)
         if result.link:
             headers["Link"] = route.link(result.link)

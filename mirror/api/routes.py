@@ -7,9 +7,15 @@ from typing import Any
 
 from aiohttp import web
 
+from mirror import outcome
 from mirror.api.errors import Handler
 from mirror.api.handlers import RegistryHandlers
 from mirror.metrics import Metrics
+from mirror.outcome import Outcome
+
+# What the request did (cache result, registry, bytes sent by sendfile), for
+# the access log.
+OUTCOME = web.RequestKey("outcome", Outcome)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 Middleware = Any  # aiohttp's middleware type is not exported in a stable form
@@ -68,16 +74,18 @@ def add_operations_routes(app: web.Application, handlers: RegistryHandlers) -> N
 
 
 def metrics_middleware(metrics: Metrics) -> Middleware:
-    """Count and time every request by route name, method and status."""
+    """Count every request by route name, method and status, and time it by
+    route and cache result; start its Outcome (OUTCOME on the request)."""
     # labels() costs a lock and a tuple lookup per call; the combinations are
     # few, so the children are looked up once and kept.
     counters: dict[tuple[str, str, int], Any] = {}
-    timers: dict[str, Any] = {}
+    timers: dict[tuple[str, str], Any] = {}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name or "other"
         started = time.perf_counter()
+        done = request[OUTCOME] = outcome.begin()
         status = 500
         try:
             response = await handler(request)
@@ -93,9 +101,12 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
                     route, method, str(status)
                 )
             counter.inc()
-            timer = timers.get(route)
+            result = done.cache or "none"
+            timer = timers.get((route, result))
             if timer is None:
-                timer = timers[route] = metrics.http_duration.labels(route)
+                timer = timers[route, result] = metrics.http_duration.labels(
+                    route, result
+                )
             timer.observe(time.perf_counter() - started)
 
     return middleware

@@ -214,3 +214,4 @@ class Evictor:
         self.metrics.cache_size.set(size)
         self.metrics.cache_blobs.set(count)
         self.metrics.cache_max_size.set(self.max_size)
+        self.metrics.cache_min_free.set(self.min_free)

@@ -364,6 +364,7 @@ class UpstreamClient:
             auth = self.auth.header_for(origin, scope)
             if auth:
                 send["Authorization"] = auth
+            sent = time.perf_counter()
             try:
                 async with asyncio.timeout(self._config.first_byte_timeout):
                     resp = await session.request(
@@ -379,6 +380,7 @@ class UpstreamClient:
                 raise UpstreamUnavailable(
                     "upstream unreachable", {"error": describe_error(exc)}
                 ) from exc
+            self._metrics.first_byte.labels(kind).observe(time.perf_counter() - sent)
             self._metrics.requests.labels(kind, str(resp.status)).inc()
             self.ratelimit.observe(resp.headers)
             challenge = resp.headers.get("WWW-Authenticate")

@@ -74,6 +74,7 @@ class RateLimit:
         self.budget = Budget(None, None, None)
         self._throttled_until = 0.0
         self._warned = False
+        metrics.throttled.set_function(lambda: 1.0 if self.throttled_for() else 0.0)
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Record the rate-limit headers of an upstream response, if any."""

@@ -35,11 +35,14 @@ async def test_tag_within_ttl_costs_no_upstream_request(
     make_mirror: MirrorFactory,
 ) -> None:
     mirror, upstream = await with_image(make_mirror, cache_tag_ttl="5m")
-    first = await get_tag(mirror)
+    status, body, headers = await get_tag(mirror)
+    assert headers.pop("X-Mirror-Cache") == "miss"
     before = len(upstream.log)
     mirror.clock.advance(299)
     for _ in range(5):
-        assert await get_tag(mirror) == first
+        again_status, again_body, again = await get_tag(mirror)
+        assert again.pop("X-Mirror-Cache") == "hit"
+        assert (again_status, again_body, again) == (status, body, headers)
     assert len(upstream.log) == before
 
 
