@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -27,17 +26,25 @@ from mirror.api.clientauth import ClientAuth, auth_middleware
 from mirror.api.clients import ClientPolicy, client_middleware
 from mirror.api.errors import error_middleware
 from mirror.api.handlers import RegistryHandlers
-from mirror.api.routes import add_operations_routes, add_routes, metrics_middleware
+from mirror.api.routes import (
+    add_operations_routes,
+    add_routes,
+    echo_request_id,
+    metrics_middleware,
+)
 from mirror.api.routing import echo_namespace
 from mirror.api.server import serve
+from mirror.api.status import StatusPage
 from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.integrity import reconcile
 from mirror.cache.metadata import DATABASE_NAME, MetadataStore
 from mirror.config import Config, RegistryConfig
+from mirror.configdiff import changes
 from mirror.metrics import Metrics, RegistryMetrics
 from mirror.proxy import PullThroughCache
 from mirror.registry import Registries, Registry
+from mirror.stats import Stats
 from mirror.upstream.client import UpstreamClient, UpstreamPools
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 CACHE = web.AppKey("cache", PullThroughCache)
 METRICS = web.AppKey("metrics", Metrics)
 EVICTOR = web.AppKey("evictor", Evictor)
+# The status page's in-memory history.
+STATS = web.AppKey("stats", Stats)
 RELOAD: web.AppKey[Callable[[Config], list[str]]] = web.AppKey("reload")
 # /metrics, /healthz and /readyz, when server.admin_listen serves them.
 ADMIN = web.AppKey("admin", web.Application)
@@ -94,6 +103,7 @@ def create_app(
         registries.append(Registry(settings, client, bound))
     served = Registries(registries)
     pins = PinSet()
+    stats = Stats(clock)
     evictor = Evictor(
         metadata,
         blobs,
@@ -103,6 +113,7 @@ def create_app(
         min_free=config.cache.min_free,
         low_watermark=config.cache.low_watermark,
         interval=config.cache.eviction_interval,
+        on_pass=stats.evicted,
     )
     cache = PullThroughCache(
         metadata,
@@ -118,27 +129,38 @@ def create_app(
     metrics.ready.set_function(lambda: 1.0 if cache.readiness()[0] else 0.0)
     metrics.disk_free.set_function(lambda: _free_bytes(config.cache.dir))
 
-    middlewares = [metrics_middleware(metrics)]
+    middlewares = [metrics_middleware(metrics, stats)]
     policy = ClientPolicy.of(config.server, metrics)
     if policy is not None:
         middlewares.append(client_middleware(policy))
     middlewares.append(error_middleware)
+    auth = None
     if config.auth.htpasswd is not None:
         auth = ClientAuth(config.auth.htpasswd, metrics, clock=monotonic)
         middlewares.append(auth_middleware(auth))
+    windows = {host: _window(client) for host, client in clients.items()}
     app = web.Application(middlewares=middlewares)
     app.on_response_prepare.append(echo_namespace)
+    app.on_response_prepare.append(echo_request_id)
     app[CACHE] = cache
     app[METRICS] = metrics
     app[EVICTOR] = evictor
+    app[STATS] = stats
     separate = config.server.admin_listen is not None
-    add_routes(app, handlers, operations=not separate)
+    # On the registry port the page shows repository names only to those
+    # who may pull (auth.htpasswd); the admin listener is guarded by where
+    # it listens and admin_allow_from, like /metrics.
+    status = StatusPage(
+        cache, metrics, stats, windows=windows, gate=None if separate else auth
+    )
+    add_routes(app, handlers, operations=not separate, status=status)
     if separate:
-        app[ADMIN] = _admin_app(config, handlers, metrics)
+        app[ADMIN] = _admin_app(config, handlers, metrics, status)
     current = config
 
     def reload(new: Config) -> list[str]:
-        """Apply what can change live; returns the changed keys that cannot."""
+        """Apply what can change live and log every changed key, old and
+        new value; returns the changed keys that need a restart."""
         nonlocal current
         by_host = {r.host: r for r in new.registry_configs()}
         for served_registry in served:
@@ -151,11 +173,19 @@ def create_app(
         evictor.interval = new.cache.eviction_interval
         logging.getLogger("mirror").setLevel(new.log.level.upper())
         evictor.trigger()
-        changed = [
-            key for key in _changed_keys(current, new) if key not in RELOADABLE_KEYS
-        ]
+        restart = []
+        # At WARNING, so that log.level = warning still shows what an
+        # operator changed; after the new level applies.
+        for change in changes(current, new):
+            if change.key in RELOADABLE_KEYS or (
+                change.registry_key in RELOADABLE_REGISTRY_KEYS
+            ):
+                log.warning("reload: %s", change)
+            else:
+                restart.append(change.key)
+                log.warning("reload: %s (takes effect after a restart)", change)
         current = new
-        return changed
+        return restart
 
     app[RELOAD] = reload
 
@@ -207,7 +237,7 @@ async def run(
 
 
 def _admin_app(
-    config: Config, handlers: RegistryHandlers, metrics: Metrics
+    config: Config, handlers: RegistryHandlers, metrics: Metrics, status: StatusPage
 ) -> web.Application:
     """The operations endpoints on a listener of their own, with its own
     allow-list (server.admin_allow_from)."""
@@ -216,7 +246,7 @@ def _admin_app(
         policy = ClientPolicy(metrics, allow_from=config.server.admin_allow_from)
         middlewares.append(client_middleware(policy))
     admin = web.Application(middlewares=[*middlewares, error_middleware])
-    add_operations_routes(admin, handlers)
+    add_operations_routes(admin, handlers, status)
     admin.router.add_route("*", "/{tail:.*}", handlers.unsupported)
     return admin
 
@@ -237,6 +267,11 @@ async def _housekeeping(
                 await evictor.load()
         except Exception:
             log.exception("housekeeping failed; will retry")
+
+
+def _window(client: UpstreamClient) -> Callable[[], int | None]:
+    """The client's rate-limit window in seconds, once upstream said it."""
+    return lambda: client.ratelimit.budget.window
 
 
 def _free_bytes(path: Path) -> float:
@@ -260,31 +295,3 @@ def _apply_registry(
     registry.tag_ttl = settings.tag_ttl
     registry.max_stale = settings.max_stale
     client.ratelimit.warn_below = settings.upstream.ratelimit_warn_below
-
-
-def _changed_keys(old: Config, new: Config) -> Iterator[str]:
-    """`section.key` of every value that differs between two configs, then
-    the changes to [registries] tables (see _changed_registry_keys)."""
-    yield from _changed_registry_keys(old, new)
-    for section in dataclasses.fields(old):
-        if section.name == "registries":
-            continue
-        before, after = getattr(old, section.name), getattr(new, section.name)
-        for key in dataclasses.fields(before):
-            if getattr(before, key.name) != getattr(after, key.name):
-                yield f"{section.name}.{key.name}"
-
-
-def _changed_registry_keys(old: Config, new: Config) -> Iterator[str]:
-    """`registries."<host>"` for a registry added or removed, and
-    `registries."<host>".key` for each changed key a SIGHUP cannot apply."""
-    before = {r.host: r for r in old.registries}
-    after = {r.host: r for r in new.registries}
-    for host in sorted(before.keys() ^ after.keys()):
-        yield f'registries."{host}"'
-    for host in sorted(before.keys() & after.keys()):
-        was, now = before[host], after[host]
-        for key in dataclasses.fields(was.upstream):
-            changed = getattr(was.upstream, key.name) != getattr(now.upstream, key.name)
-            if changed and key.name not in RELOADABLE_REGISTRY_KEYS:
-                yield f'registries."{host}".{key.name}'

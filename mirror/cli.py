@@ -3,7 +3,9 @@
 argv -> load_config -> logging -> run the app (`serve`), or call into
 `mirror.ops` / `mirror.warm` and print the result: a table, or JSON with
 `--json`. Exit status 2 means the configuration or the command line is
-wrong; nothing was served or changed.
+wrong; nothing was served or changed. Errors are one line on stderr, or
+with `--json` one JSON object on stdout (`report_error`), a command line
+that does not parse included.
 
 Images and repositories are named as for `docker pull`: bare names are
 docker.io's (`alpine` is `library/alpine`), others carry their registry
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -23,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mirror import __version__
 from mirror.config import (
@@ -38,8 +41,27 @@ from mirror.tls import TlsError
 log = logging.getLogger("mirror")
 
 
+class CommandLineError(Exception):
+    """The command line does not parse; `usage` is the command's usage text
+    and `prog` its name (`mirror purge`)."""
+
+    def __init__(self, message: str, usage: str, prog: str) -> None:
+        super().__init__(message)
+        self.message, self.usage, self.prog = message, usage, prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors main() reports, as text or as JSON,
+    rather than printing them and exiting itself. Subcommands' parsers are
+    of this class too (argparse makes them of the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(message, self.format_usage(), self.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """Raises CommandLineError from parse_args() for a bad command line."""
+    parser = _Parser(
         prog="mirror",
         description="Pull-through caching mirror for Docker Hub and other registries.",
     )
@@ -57,12 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run `mirror ARGV...`; returns the exit status.
+
+    With `--json`, an error is one JSON object on stdout (`report_error`),
+    and nothing goes to stderr; without it, one line on stderr.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Before parsing, because a command line that does not parse is
+    # reported as JSON too when it asks for JSON.
+    as_json = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except CommandLineError as exc:
+        if not as_json:
+            sys.stderr.write(exc.usage)
+        return report_error(
+            "usage", exc.message, 2, as_json=as_json, prefix=f"{exc.prog}: error"
+        )
+    as_json = bool(getattr(args, "json", False))
     try:
         config = load_config(args.config, os.environ)
     except ConfigError as exc:
-        print(f"mirror: {exc}", file=sys.stderr)
-        return 2
+        return report_error(
+            "config",
+            str(exc),
+            2,
+            as_json=as_json,
+            key=exc.key,
+            suggestion=exc.suggestion,
+        )
     if args.command == "serve":
         setup_logging(config)
         return serve(config, args.config)
@@ -70,13 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def setup_logging(config: Config) -> None:
-    """log.level applies to mirror's own loggers; libraries stay at INFO
-    (at DEBUG, aiosqlite would log every SQL statement)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """`mirror serve`'s log on stderr, as log.format says (text or json;
+    mirror/logformat.py). log.level applies to mirror's own loggers;
+    libraries stay at INFO (at DEBUG, aiosqlite would log every SQL
+    statement)."""
+    from mirror.logformat import formatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(config.log.format))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("mirror").setLevel(config.log.level.upper())
 
 
@@ -90,14 +137,13 @@ def serve(config: Config, config_path: Path | None) -> int:
     try:
         config.cache.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        print(
-            f"mirror: cannot create cache.dir {config.cache.dir}: {exc.strerror} "
+        _fatal(
+            config,
+            f"cannot create cache.dir {config.cache.dir}: {exc.strerror} "
             "(set cache.dir or MIRROR_CACHE_DIR)",
-            file=sys.stderr,
         )
         return 2
-    listen = config.server.listen
-    log.info("mirror %s listening on %s", __version__, listen)
+    # "listening" is logged by the listener, once every socket is bound.
     try:
         asyncio.run(
             run(
@@ -106,12 +152,21 @@ def serve(config: Config, config_path: Path | None) -> int:
             )
         )
     except OSError as exc:
-        print(f"mirror: {exc.strerror}", file=sys.stderr)
+        _fatal(config, str(exc.strerror))
         return 1
     except TlsError as exc:  # the files changed since the config was checked
-        print(f"mirror: server.tls_cert: {exc}", file=sys.stderr)
+        _fatal(config, f"server.tls_cert: {exc}")
         return 1
     return 0
+
+
+def _fatal(config: Config, message: str) -> None:
+    """Why `mirror serve` stops: `mirror: ...` on stderr, or with
+    log.format = "json" an error line like every other, for the shipper."""
+    if config.log.format == "json":
+        log.error("%s", message)
+    else:
+        print(f"mirror: {message}", file=sys.stderr)
 
 
 def reload_config(apply: Callable[[Config], list[str]], path: Path | None) -> None:
@@ -126,10 +181,19 @@ def reload_config(apply: Callable[[Config], list[str]], path: Path | None) -> No
     except ConfigError as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         return
+    # apply() logs each changed key, old and new value (see mirror.app).
     needs_restart = apply(config)
-    log.info("configuration reloaded from %s", path or "the environment")
-    for key in needs_restart:
-        log.warning("%s changed but takes effect only after a restart", key)
+    # WARNING, like the changes: log.level = warning must still show them.
+    where = path or "the environment"
+    if needs_restart:
+        log.warning(
+            "configuration reloaded from %s; changed, but takes effect only "
+            "after a restart: %s",
+            where,
+            ", ".join(needs_restart),
+        )
+    else:
+        log.warning("configuration reloaded from %s", where)
 
 
 # --- operator commands: status, ls, purge, gc, verify, warm ----------------------
@@ -248,18 +312,47 @@ def run_operator_command(args: argparse.Namespace, config: Config) -> int:
         config = dataclasses.replace(
             config, cache=dataclasses.replace(config.cache, dir=cache_dir)
         )
+    as_json = bool(args.json)
     try:
         return _COMMANDS[args.command](args, config)
     except ops.OpsError as exc:
-        print(f"mirror: {exc}", file=sys.stderr)
-        return exc.exit_status
+        return report_error(exc.kind, str(exc), exc.exit_status, as_json=as_json)
     except sqlite3.Error as exc:
-        print(f"mirror: {config.cache.dir}: database: {exc}", file=sys.stderr)
-        return 1
+        message = f"{config.cache.dir}: database: {exc}"
+        return report_error("database", message, 1, as_json=as_json)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = f"{where}{exc.strerror or exc}"
+        return report_error("runtime", message, 1, as_json=as_json)
     except KeyboardInterrupt:
         # A purge rolls back; blobs already taken out of the store are gone.
-        print("mirror: interrupted", file=sys.stderr)
-        return 130
+        return report_error("interrupted", "interrupted", 130, as_json=as_json)
+
+
+def report_error(
+    kind: str,
+    message: str,
+    status: int,
+    *,
+    as_json: bool,
+    key: str | None = None,
+    suggestion: str | None = None,
+    prefix: str = "mirror",
+) -> int:
+    """Report an error the operator can act on; returns `status`.
+
+    As text: `mirror: <message>` on stderr. As JSON, on stdout, for
+    scripts: `{"error": {"kind", "message", "key", "suggestion"}}`, where
+    `kind` is one of config, usage, no_cache, not_found, database, runtime
+    or interrupted, and `key` and `suggestion` are null unless the error is
+    about one configuration key or variable (docs/operations.md).
+    """
+    if as_json:
+        error = {"kind": kind, "message": message, "key": key, "suggestion": suggestion}
+        print(json.dumps({"error": error}, indent=2), flush=True)
+    else:
+        print(f"{prefix}: {message}", file=sys.stderr)
+    return status
 
 
 def _print(args: argparse.Namespace, value: object, text: str) -> None:
@@ -351,11 +444,13 @@ def _warm(args: argparse.Namespace, config: Config) -> int:
             url = parse_url(args.mirror)
         except ValueError as exc:
             raise ops.UsageError(f"--mirror: {exc}") from None
-    progress = ops.Progress(sys.stderr)
+    # A few updates a second on a terminal; none into a pipe or a log.
+    progress = ops.Progress(sys.stderr, tty_interval=0.25)
+    show = progress.transfer_callback()
 
-    def on_bytes(result: warm.WarmResult) -> None:
+    def on_bytes(result: warm.WarmResult, total: int | None) -> None:
         if progress.tty:
-            progress.show(f"warming {result.name}: {ops.human_size(result.bytes)}")
+            show(result.name, result.bytes, total)
 
     def on_result(result: warm.WarmResult) -> None:
         progress.finish()

@@ -6,7 +6,11 @@ dataclasses below; each field's metadata names the parser for its values, so
 adding a key is adding a field. Every key `section.key` can be set by the
 environment variable `MIRROR_<SECTION>_<KEY>` (upper case), which wins over
 the file. Unknown keys and unknown `MIRROR_*` variables are errors, because a
-typo silently ignored is an outage nobody can explain.
+typo silently ignored is an outage nobody can explain; the error names the
+closest key or variable there is ("did you mean"). Values are parsed
+strictly for the same reason: white space around a value, a unit in the
+wrong case (`50gib`) or one tools read differently (`50G`) is refused with
+the value probably meant, never read one way silently.
 
 `[upstream]` configures Docker Hub; every other registry is a table
 `[registries."<host>"]` keyed by the host clients use, whose keys are set from
@@ -16,14 +20,16 @@ the environment as `MIRROR_REGISTRY_<SLUG>_<KEY>` (see `registry_slug`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import os
 import re
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -43,10 +49,49 @@ REGISTRY_ENV_PREFIX = "MIRROR_REGISTRY_"
 # What Kubernetes injects for a Service named "mirror" (MIRROR_SERVICE_HOST,
 # MIRROR_PORT_5000_TCP_ADDR, ...): not ours, and no config key looks like it.
 _KUBERNETES_SERVICE_VARIABLE = re.compile(r"^MIRROR_(SERVICE_[A-Z0-9_]+|PORT(_.*)?)$")
+# Read by the program but no config key: the source revision the image was
+# built from (mirror/__init__.py, for mirror_build_info).
+REVISION_ENV = "MIRROR_REVISION"
 
 
 class ConfigError(Exception):
-    """A configuration value or key is wrong. The message is one line."""
+    """A configuration value or key is wrong. The message is one line.
+
+    `key` names what is wrong as the operator wrote it: a key
+    (`cache.max_size`, `registries."ghcr.io".tag_ttl`), a section
+    (`[cahce]`) or an environment variable when the variable itself is the
+    problem; None when no one key is (an unreadable file). Without an
+    explicit `key`, the key the message starts with (`cache.max_size: ...`)
+    is taken. `suggestion` is what was probably meant (a key, a variable or
+    a value), when one is close; the message says it too.
+    """
+
+    def __init__(
+        self, message: str, *, key: str | None = None, suggestion: str | None = None
+    ) -> None:
+        super().__init__(message)
+        if key is None:
+            key = _key_of_message(message)
+        self.key = key
+        self.suggestion = suggestion
+
+
+# `cache.max_size: ...`, `registries."ghcr.io".url: ...`, `MIRROR_REGISTRIES: ...`
+_MESSAGE_KEY_RE = re.compile(
+    r'((?:registries\."[^"]*"|[a-z_]+)(?:\.[a-z_]+)?|MIRROR_[A-Z0-9_]+): '
+)
+
+
+def _key_of_message(message: str) -> str | None:
+    """The key or variable a message starts with, if it starts with one (and
+    not with a file name such as `mirror.toml: invalid TOML`)."""
+    match = _MESSAGE_KEY_RE.match(message)
+    if match is None:
+        return None
+    key = match.group(1)
+    first = key.split(".")[0]
+    known = first in SECTIONS or first == "registries" or key.startswith(ENV_PREFIX)
+    return key if known else None
 
 
 @dataclass(frozen=True)
@@ -62,67 +107,304 @@ class Address:
 
 
 # --- value parsers: str | int | bool from TOML or str from env -> typed value --
+#
+# Strict on purpose: a value that could mean two things, or carries stray
+# white space, is refused with what was probably meant, rather than read one
+# way silently. Parsers raise BadValue (a ValueError).
 
+
+class BadValue(ValueError):
+    """A value a parser refuses; `suggestion` is the value probably meant."""
+
+    def __init__(self, message: str, suggestion: str | None = None) -> None:
+        super().__init__(message)
+        self.suggestion = suggestion
+
+
+def _refuse(
+    value: object,
+    what: str,
+    forms: str | None,
+    reason: str | None = None,
+    suggestion: str | None = None,
+) -> BadValue:
+    """`'50gib' is not a size (units are case-sensitive; did you mean
+    '50GiB'?): use ...`"""
+    notes = [note for note in (reason, _did_you_mean(suggestion)) if note]
+    text = f"{value!r} is not {what}"
+    text += f" ({'; '.join(notes)})" if notes else ""
+    text += f": use {forms}" if forms else ""
+    return BadValue(text, suggestion)
+
+
+def _did_you_mean(suggestion: str | None) -> str | None:
+    return None if suggestion is None else f"did you mean {suggestion!r}?"
+
+
+def _padding(text: str) -> str | None:
+    """What is wrong with the white space around `text`, if anything."""
+    leading, trailing = text != text.lstrip(), text != text.rstrip()
+    if leading and trailing:
+        return "spaces around it"
+    if leading:
+        return "a leading space"
+    return "a trailing space" if trailing else None
+
+
+def _suggest(text: str, fixed: str, parse: Callable[[str], object]) -> str | None:
+    """`fixed` if it differs from `text` and `parse` takes it."""
+    if fixed == text:
+        return None
+    try:
+        parse(fixed)
+    except ValueError:
+        return None
+    return fixed
+
+
+def _close(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to `word`, if one is close (difflib's 0.6)."""
+    matches = difflib.get_close_matches(word, list(choices), n=1)
+    return matches[0] if matches else None
+
+
+# Decimal units are powers of 1000 and IEC units powers of 1024, as everyone
+# writes them; a bare K/M/G/T is refused, because tools disagree on it
+# (Kubernetes' G is 10^9, systemd's and Docker's 2^30).
 _SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1024**4,
+    "B": 1,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# What a unit written otherwise probably meant: other case, Kubernetes' Gi.
+_SIZE_UNIT_FIXES = {
+    **{unit.lower(): unit for unit in _SIZE_UNITS},
+    **{f"{p}i": f"{p.upper()}iB" for p in "kmgt"},
+    "bytes": "B",
+    "byte": "B",
+}
+_AMBIGUOUS_SIZE_UNITS = frozenset("kmgt")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) ?([A-Za-z]*)")
+_SIZE_FORMS = (
+    "a whole number of bytes, or a number and a unit, e.g. 50GiB or 1.5TB "
+    "(B; KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: powers of 1024)"
+)
 
 
 def parse_size(value: object) -> int:
-    """`40MiB`, `50GiB`, `1.5GB`, or a plain integer of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """`40MiB`, `50GiB`, `1.5GB`, `512 KiB` or a whole number of bytes.
+
+    Units are case-sensitive (`kB` is allowed for `KB`); one space may
+    separate the number from its unit, as `mirror status` prints sizes.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _refuse(value, "a size", _SIZE_FORMS, "cannot be negative")
         return value
-    if isinstance(value, str):
-        match = _SIZE_RE.match(value)
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(Decimal(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    raise ValueError(f"{value!r} is not a size (use e.g. 40MiB, 50GiB)")
+    if not isinstance(value, str):
+        reason = "quote it, with a unit" if isinstance(value, float) else None
+        raise _refuse(value, "a size", _SIZE_FORMS, reason)
+    try:
+        return _size(value)
+    except ValueError as exc:
+        reason = str(exc) or None
+    raise _refuse(
+        value, "a size", _SIZE_FORMS, reason, _suggest(value, _fix_size(value), _size)
+    )
+
+
+def _size(text: str) -> int:
+    """The strict grammar; raises ValueError with the reason (or none)."""
+    if padding := _padding(text):
+        raise ValueError(padding)
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise ValueError("cannot be negative" if text.startswith("-") else "")
+    number, unit = match.groups()
+    if unit and unit not in _SIZE_UNITS:
+        lower = unit.lower()
+        if lower in _AMBIGUOUS_SIZE_UNITS:
+            upper = unit.upper()
+            raise ValueError(
+                f"a bare {unit} is ambiguous: write {upper}B (powers of 1000) "
+                f"or {upper}iB (powers of 1024)"
+            )
+        if lower in _SIZE_UNIT_FIXES:
+            fix = _SIZE_UNIT_FIXES[lower]
+            raise ValueError(
+                "units are case-sensitive" if fix.lower() == lower else f"write {fix}"
+            )
+        raise ValueError(f"unknown unit {unit!r}")
+    factor = _SIZE_UNITS.get(unit, 1)
+    if factor == 1 and "." in number:
+        raise ValueError("not a whole number of bytes")
+    return int(Decimal(number) * factor)
+
+
+def _fix_size(text: str) -> str:
+    """`text` with its probable mistakes undone (spaces, unit case)."""
+    fixed = text.strip().replace("_", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)( ?)([A-Za-z]+)", fixed)
+    if match and match.group(3) not in _SIZE_UNITS:
+        unit = _SIZE_UNIT_FIXES.get(match.group(3).lower())
+        if unit is not None:
+            fixed = match.group(1) + match.group(2) + unit
+    return fixed
+
+
+def _nonzero_size(why: str) -> Callable[[object], int]:
+    """parse_size, refusing 0 because `why`."""
+
+    def parse(value: object) -> int:
+        size = parse_size(value)
+        if size == 0:
+            raise BadValue(why)
+        return size
+
+    return parse
+
+
+parse_cache_budget = _nonzero_size(
+    "0 leaves no room for any blob, so every pull would fetch every layer "
+    "from upstream again (the mirror has no no-caching mode); give a budget "
+    "below the disk's size, e.g. 50GiB"
+)
+parse_body_limit = _nonzero_size(
+    "0 would refuse every manifest and token; give a limit, e.g. 4MiB"
+)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# What other ways of writing a unit probably meant. Not `M`: it may be meant
+# as months.
+_DURATION_UNIT_FIXES = {
+    **{unit.upper(): unit for unit in _DURATION_UNITS if unit != "m"},
+    **dict.fromkeys(["sec", "secs", "second", "seconds"], "s"),
+    **dict.fromkeys(["min", "mins", "minute", "minutes"], "m"),
+    **dict.fromkeys(["hr", "hrs", "hour", "hours"], "h"),
+    **dict.fromkeys(["day", "days"], "d"),
+    **dict.fromkeys(["msec", "msecs", "millisecond", "milliseconds"], "ms"),
+}
+_DURATION_FORMS = "a number and a unit, e.g. 90s, 5m, 1h30m (ms, s, m, h, d), or 0"
 
 
 def parse_duration(value: object) -> float:
     """`90s`, `5m`, `1h30m`, `250ms`, `7d` or `0`; returns seconds."""
     if value == 0 and not isinstance(value, bool):
         return 0.0
-    if isinstance(value, str):
-        text = value.strip()
-        if text == "0":
-            return 0.0
-        parts = _DURATION_RE.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 5m, 1h)")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise _refuse(
+            value,
+            "a duration",
+            _DURATION_FORMS,
+            "a duration needs a unit" if value > 0 else "cannot be negative",
+            f"{value}s" if value > 0 else None,
+        )
+    if not isinstance(value, str):
+        raise _refuse(value, "a duration", _DURATION_FORMS)
+    try:
+        return _duration(value)
+    except ValueError as exc:
+        reason = str(exc) or None
+    fixed = _suggest(value, _fix_duration(value), _duration)
+    raise _refuse(value, "a duration", _DURATION_FORMS, reason, fixed)
+
+
+def _duration(text: str) -> float:
+    """The strict grammar; raises ValueError with the reason (or none)."""
+    if padding := _padding(text):
+        raise ValueError(padding)
+    if text == "0":
+        return 0.0
+    parts = _DURATION_RE.findall(text)
+    if parts and "".join(n + u for n, u in parts) == text:
+        return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if text.startswith("-"):
+        raise ValueError("cannot be negative")
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        raise ValueError("a duration needs a unit")
+    if " " in text:
+        raise ValueError("no spaces inside a duration")
+    for unit in re.findall(r"[A-Za-z]+", text):
+        if unit == "M":
+            raise ValueError("M is not a unit: minutes are m; for months write days")
+        if unit not in _DURATION_UNITS:
+            raise ValueError(
+                "units are lower case"
+                if unit.lower() in _DURATION_UNITS
+                else f"unknown unit {unit!r}"
+            )
+    raise ValueError("")
+
+
+def _fix_duration(text: str) -> str:
+    """`text` with its probable mistakes undone (spaces, unit spelling)."""
+    fixed = re.sub(r"\s+", "", text)
+    fixed = re.sub(
+        r"(\d+(?:\.\d+)?)([A-Za-z]+)",
+        lambda m: m.group(1) + _DURATION_UNIT_FIXES.get(m.group(2), m.group(2)),
+        fixed,
+    )
+    if re.fullmatch(r"\d+(?:\.\d+)?", fixed) and fixed != "0":
+        fixed += "s"
+    return fixed
+
+
+def _positive_duration(why: str) -> Callable[[object], float]:
+    """parse_duration, refusing 0 because `why`."""
+
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds == 0:
+            raise BadValue(why)
+        return seconds
+
+    return parse
+
+
+parse_timeout = _positive_duration(
+    "0 would time out at once (or never); give a time, e.g. 30s"
+)
+parse_interval = _positive_duration(
+    "0 would run passes back to back; give a time, e.g. 30s"
+)
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_BOOL_FORMS = "true or false (in the environment also yes/no, on/off, 1/0)"
 
 
 def parse_bool(value: object) -> bool:
+    """TOML's true/false, or (any case) true/false, yes/no, on/off, 1/0."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on"}:
-        return True
-    if isinstance(value, str) and value.lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+    reason, suggestion = None, None
+    if isinstance(value, str):
+        word = value.lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        reason = _padding(value)
+        suggestion = value.strip() if reason else _close(word, (*_TRUE, *_FALSE))
+        if suggestion is not None and suggestion.lower() not in (*_TRUE, *_FALSE):
+            suggestion = None
+    elif isinstance(value, int) and value in (0, 1):
+        suggestion = "true" if value else "false"
+    raise _refuse(value, "a boolean", _BOOL_FORMS, reason, suggestion)
 
 
 def parse_address(value: object) -> Address:
     """`host:port`, `:port` (all interfaces) or `[v6]:port`; port 0 picks
     a free port (tests)."""
+    if isinstance(value, str) and (padding := _padding(value)):
+        raise _refuse(value, "host:port", None, padding, value.strip())
     if isinstance(value, str):
         host, sep, port = value.rpartition(":")
         bracketed = host.startswith("[") and host.endswith("]")
@@ -146,6 +428,9 @@ def parse_url(value: object) -> str:
 
 def _parse_url(value: object, owner: str) -> str:
     """parse_url, with the refusal of credentials naming `owner`'s keys."""
+    if isinstance(value, str) and (padding := _padding(value)):
+        # Not echoed: it may carry credentials.
+        raise BadValue(f"is not a URL ({padding})")
     if isinstance(value, str):
         try:
             parts = urlsplit(value)
@@ -169,44 +454,67 @@ def parse_str(value: object) -> str:
 
 
 def parse_path(value: object) -> Path:
-    return Path(parse_str(value)).expanduser()
+    """A file or directory; white space around it is refused (a stray space
+    from an environment file would name another place)."""
+    text = parse_str(value)
+    if padding := _padding(text):
+        raise _refuse(value, "a path", None, padding, text.strip() or None)
+    return Path(text).expanduser()
 
 
 def parse_choice(*choices: str) -> Callable[[object], str]:
+    """One of `choices`, in any case."""
+
     def parse(value: object) -> str:
         if isinstance(value, str) and value.lower() in choices:
             return value.lower()
-        raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        reason, suggestion = None, None
+        if isinstance(value, str):
+            reason = _padding(value)
+            suggestion = value.strip() if reason else _close(value.lower(), choices)
+            if suggestion is not None and suggestion.lower() not in choices:
+                suggestion = None
+        raise _refuse(value, f"one of {', '.join(choices)}", None, reason, suggestion)
 
     return parse
+
+
+_FRACTION_FORMS = "a share, e.g. 90% or 0.9"
 
 
 def parse_fraction(value: object) -> float:
     """`90%` or `0.9`: a share strictly between 0 and 1 (1 itself allowed)."""
     number: float | None = None
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            number = float(value.strip()[:-1]) / 100
-        except ValueError:
-            number = None
+    if isinstance(value, str) and (padding := _padding(value)):
+        raise _refuse(value, "a share", _FRACTION_FORMS, padding, value.strip())
+    if isinstance(value, str) and value.endswith("%"):
+        with contextlib.suppress(ValueError):
+            number = float(value[:-1]) / 100
     elif isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             number = float(value)
-        except ValueError:
-            number = None
     if number is not None and 0 < number <= 1:
         return number
-    raise ValueError(f"{value!r} is not a share (use e.g. 90% or 0.9)")
+    suggestion = None
+    if number is not None and 1 < number <= 100 and not str(value).endswith("%"):
+        suggestion = f"{value}%"  # 90 for 90%
+    raise _refuse(value, "a share", _FRACTION_FORMS, None, suggestion)
 
 
 def parse_int(value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    """A whole number >= 0: digits only in a string."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    raise ValueError(f"{value!r} is not a whole number >= 0")
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        return int(value)
+    reason, suggestion = None, None
+    if isinstance(value, str) and (reason := _padding(value)):
+        suggestion = _suggest(value, value.strip(), parse_int)
+    elif isinstance(value, int | str) and str(value).startswith("-"):
+        reason = "cannot be negative"
+    raise _refuse(value, "a whole number >= 0", None, reason, suggestion)
 
 
 def parse_positive_int(value: object) -> int:
@@ -218,7 +526,7 @@ def parse_positive_int(value: object) -> int:
 
 def parse_optional_duration(value: object) -> float | None:
     """A duration, or `unlimited` for no bound (None)."""
-    if isinstance(value, str) and value.strip().lower() in {"unlimited", "none"}:
+    if isinstance(value, str) and value.lower() in {"unlimited", "none"}:
         return None
     return parse_duration(value)
 
@@ -373,12 +681,12 @@ class ServerConfig:
         "client connections served at once; more get 503 and are closed",
     )
     header_timeout: float = _key(
-        parse_duration,
+        parse_timeout,
         30.0,
         "time a connection may take to send a request's headers (idle included)",
     )
     send_timeout: float = _key(
-        parse_duration,
+        parse_timeout,
         60.0,
         "longest a client may accept no response bytes before it is dropped",
     )
@@ -433,13 +741,13 @@ class ServerConfig:
 class UpstreamConfig:
     url: str = _key(parse_url, DOCKER_HUB, "registry to mirror")
     connect_timeout: float = _key(
-        parse_duration, 10.0, "time to open a TCP+TLS connection upstream"
+        parse_timeout, 10.0, "time to open a TCP+TLS connection upstream"
     )
     read_timeout: float = _key(
-        parse_duration, 60.0, "longest silence while waiting for upstream bytes"
+        parse_timeout, 60.0, "longest silence while waiting for upstream bytes"
     )
     first_byte_timeout: float = _key(
-        parse_duration, 30.0, "longest wait from sending a request to its headers"
+        parse_timeout, 30.0, "longest wait from sending a request to its headers"
     )
     username: str = _key(parse_text, "", "Docker Hub user (or empty: anonymous)")
     password: str = _key(
@@ -481,7 +789,7 @@ class UpstreamConfig:
         "connections for manifest, tag and token requests (apart from blobs)",
     )
     max_body_size: int = _key(
-        parse_size,
+        parse_body_limit,
         4 * 1024**2,
         "largest manifest, tag list, token or error body read into memory",
     )
@@ -519,7 +827,7 @@ class CacheConfig:
         "how old a cached tag may be and still be served when upstream fails",
     )
     max_size: int = _key(
-        parse_size, 50 * 1024**3, "disk budget for cached blobs (bytes)"
+        parse_cache_budget, 50 * 1024**3, "disk budget for cached blobs (bytes)"
     )
     min_free: int = _key(
         parse_size, 1024**3, "keep at least this much free on the cache's disk"
@@ -528,7 +836,7 @@ class CacheConfig:
         parse_fraction, 0.9, "eviction frees space down to this share of max_size"
     )
     eviction_interval: float = _key(
-        parse_duration, 30.0, "how often the eviction worker checks the budget"
+        parse_interval, 30.0, "how often the eviction worker checks the budget"
     )
 
 
@@ -547,6 +855,11 @@ class LogConfig:
         parse_choice("debug", "info", "warning", "error"), "info", "log level"
     )
     access_log: bool = _key(parse_bool, True, "log one line per HTTP request")
+    format: str = _key(
+        parse_choice("text", "json"),
+        "text",
+        "text for people, json for one object per line (docs/logging.md)",
+    )
 
 
 @dataclass(frozen=True)
@@ -656,34 +969,107 @@ def load_config(
             raise ConfigError(f"[{section}] must be a table")
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            name = f"{section}.{f.name}"
+            variable = env_name(section, f.name)
             value: object = given.pop(f.name, None)
-            value = environ.get(env_name(section, f.name), value)
+            value = environ.get(variable, value)
             if value is None:
                 continue
-            try:
-                values[f.name] = f.metadata["parse"](value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+            values[f.name] = _parse_value(
+                f"{section}.{f.name}", f.metadata["parse"], value, variable, environ
+            )
         if given:
-            raise ConfigError(f"unknown key {section}.{sorted(given)[0]}")
+            raise _unknown_key(section, sorted(given)[0], _field_names(cls))
         if section == "cache" and "dir" not in values:
             values["dir"] = default_cache_dir(environ)
         sections[section] = cls(**values)
+    if raw:
+        raise _unknown_section(sorted(raw)[0], raw[sorted(raw)[0]])
     _check_tls(sections["server"], load=load_certificates)
     _check_htpasswd(sections["auth"].htpasswd)
     upstream = _read_password(sections["upstream"], "upstream")
     _check_ca_file(upstream.ca_file, "upstream.ca_file")
     _check_docker_io_patterns(upstream)
     sections["upstream"] = upstream
-    if raw:
-        raise ConfigError(f"unknown section [{sorted(raw)[0]}]")
 
     registries = tuple(
         _load_registry(host, tables[host], environ, upstream, sections["cache"])
         for host in sorted(tables)
     )
     return Config(**sections, registries=registries)
+
+
+def _parse_value(
+    key: str,
+    parse: Callable[[object], Any],
+    value: object,
+    variable: str,
+    environ: Mapping[str, str],
+) -> Any:
+    """`parse(value)` for `key`; the message says when the value came from
+    the environment `variable`, not the file. Raises ConfigError."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        source = f" (from {variable})" if variable in environ else ""
+        raise ConfigError(
+            f"{key}: {exc}{source}",
+            key=key,
+            suggestion=getattr(exc, "suggestion", None),
+        ) from None
+
+
+def _field_names(cls: type[Any]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(
+    table: str, key: str, known: Iterable[str], *, elsewhere: bool = True
+) -> ConfigError:
+    """`unknown key cache.maxsize (did you mean cache.max_size?)`. `table` is
+    the key's table as written (`cache`, `registries."ghcr.io"`); with
+    `elsewhere`, a key of another section (`tag_ttl` under [upstream]) is
+    pointed there."""
+    close = _close(key.lower(), known)
+    suggestion = None if close is None else f"{table}.{close}"
+    if suggestion is None and elsewhere:
+        suggestion = _home_of(key, table)
+    note = "" if suggestion is None else f" (did you mean {suggestion}?)"
+    return ConfigError(
+        f"unknown key {table}.{key}{note}",
+        key=f"{table}.{key}",
+        suggestion=suggestion,
+    )
+
+
+def _home_of(key: str, besides: str | None = None) -> str | None:
+    """`section.key` for the section (other than `besides`) that has `key`."""
+    for section, cls in SECTIONS.items():
+        if section != besides and key in _field_names(cls):
+            return f"{section}.{key}"
+    return None
+
+
+def _unknown_section(name: str, value: object) -> ConfigError:
+    """`unknown section [cahce] (did you mean [cache]?)`; a key written
+    before any section header is pointed to its section."""
+    if not isinstance(value, dict):
+        home = _home_of(name)
+        note = (
+            ""
+            if home is None
+            else f" (did you mean {home}, under [{home.split('.')[0]}]?)"
+        )
+        return ConfigError(
+            f"unknown key {name}: it is in no section{note}",
+            key=name,
+            suggestion=home,
+        )
+    close = _close(name.lower(), [*SECTIONS, "registries"])
+    suggestion = None if close is None else f"[{close}]"
+    note = "" if suggestion is None else f" (did you mean {suggestion}?)"
+    return ConfigError(
+        f"unknown section [{name}]{note}", key=f"[{name}]", suggestion=suggestion
+    )
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -763,14 +1149,14 @@ def _check_environment(
 
     Raises ConfigError.
     """
-    known = {REGISTRIES_ENV}
+    known = {REGISTRIES_ENV, REVISION_ENV}
     for section, cls in SECTIONS.items():
         known.update(env_name(section, f.name) for f in dataclasses.fields(cls))
     process_wide: set[str] = set()
     for host in tables:
         known.update(registry_env_name(host, key) for key, *_ in _registry_keys())
         process_wide.update(registry_env_name(host, k) for k in _PROCESS_WIDE_KEYS)
-    for name in environ:
+    for name in sorted(environ):
         if name in process_wide:
             raise ConfigError(_process_wide(name))
         if (
@@ -778,7 +1164,53 @@ def _check_environment(
             and name not in known
             and not _KUBERNETES_SERVICE_VARIABLE.match(name)
         ):
-            raise ConfigError(f"unknown environment variable {name}")
+            raise _unknown_variable(name, known, [registry_slug(h) for h in tables])
+
+
+def _unknown_variable(
+    name: str, known: Iterable[str], slugs: Iterable[str]
+) -> ConfigError:
+    """`unknown environment variable MIRROR_CACHE_MAXSIZE (did you mean
+    MIRROR_CACHE_MAX_SIZE?)`. A registry's variable is matched by its slug
+    first, so that a registry not defined is not taken for another one."""
+    suggestion, note = None, ""
+    key = _registry_variable_key(name)
+    if key is not None:
+        slug = name[len(REGISTRY_ENV_PREFIX) : -len(key) - 1]
+        close = _close(slug, slugs)
+        if close is not None:
+            suggestion = f"{REGISTRY_ENV_PREFIX}{close}_{key}"
+        else:
+            note = (
+                f" (no registry has the slug {slug}: define it with "
+                '[registries."<host>"] or MIRROR_REGISTRIES first)'
+            )
+    else:
+        # Compared without the prefix every name shares, which would make
+        # any two names look alike.
+        stems = {k[len(ENV_PREFIX) :]: k for k in known}
+        close = _close(name[len(ENV_PREFIX) :], stems)
+        suggestion = None if close is None else stems[close]
+    if suggestion is not None:
+        note = f" (did you mean {suggestion}?)"
+    return ConfigError(
+        f"unknown environment variable {name}{note}", key=name, suggestion=suggestion
+    )
+
+
+def _registry_variable_key(name: str) -> str | None:
+    """`URL` for `MIRROR_REGISTRY_<SLUG>_URL`: the registry key a variable
+    ends with, if it looks like a registry's variable (longest key first)."""
+    if not name.startswith(REGISTRY_ENV_PREFIX):
+        return None
+    keys = sorted((key.upper() for key, *_ in _registry_keys()), key=len)
+    for key in reversed(keys):
+        if (
+            name.endswith(f"_{key}")
+            and len(name) > len(REGISTRY_ENV_PREFIX) + len(key) + 1
+        ):
+            return key
+    return None
 
 
 def _check_docker_io_patterns(upstream: UpstreamConfig) -> None:
@@ -817,10 +1249,8 @@ def _load_registry(
             continue
         if key == "url":
             parse = functools.partial(_parse_url, owner=prefix)
-        try:
-            parsed = parse(value)
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}.{key}: {exc}") from None
+        variable = registry_env_name(host, key)
+        parsed = _parse_value(f"{prefix}.{key}", parse, value, variable, environ)
         if key == "tag_ttl":
             tag_ttl = parsed
         elif key == "max_stale":
@@ -829,12 +1259,16 @@ def _load_registry(
             values[key] = parsed
     if given:
         key = sorted(given)[0]
-        hint = (
-            f' (quote a host with dots: [registries."{host}.{key}"])'
-            if isinstance(given[key], dict)
-            else ""
+        if isinstance(given[key], dict):
+            raise ConfigError(
+                f"unknown key {prefix}.{key} "
+                f'(quote a host with dots: [registries."{host}.{key}"])',
+                key=f"{prefix}.{key}",
+                suggestion=f'[registries."{host}.{key}"]',
+            )
+        raise _unknown_key(
+            prefix, key, [k for k, *_ in _registry_keys()], elsewhere=False
         )
-        raise ConfigError(f"unknown key {prefix}.{key}{hint}")
     registry_upstream = _read_password(UpstreamConfig(**values), prefix)
     _check_ca_file(registry_upstream.ca_file, f"{prefix}.ca_file")
     return RegistryConfig(host, registry_upstream, tag_ttl, max_stale)

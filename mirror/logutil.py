@@ -1,11 +1,18 @@
 """Small logging helpers: rate limiting for lines that could repeat per
-request (out of file descriptors, malformed requests), and escaping for
-values a client or peer chose (User-Agent, request lines)."""
+request (out of file descriptors, malformed requests), escaping for values a
+client or peer chose (User-Agent, request lines), and the units a person
+reads: sizes in IEC units (`12.0 MiB`), and sizes and durations the way the
+configuration is written (`50GiB`, `1h30m`)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from decimal import Decimal
+
+_IEC = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+_SI = (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000))
+_DURATIONS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 
 class OncePer:
@@ -41,3 +48,45 @@ def escape(value: str, limit: int = 256) -> str:
     if len(value) > limit:
         out.append("...")
     return "".join(out)
+
+
+def human_size(size: int | float) -> str:
+    """Bytes in binary units, one decimal: `512 B`, `12.0 MiB`, `1.2 GiB`."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{int(size)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def config_size(size: int) -> str:
+    """A size as a configuration file would give it: `50GiB`, `1.5GB`, or
+    the plain number of bytes when no unit divides it (nearly) evenly."""
+    for unit, factor in _IEC:
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    for unit, factor in _SI:
+        # Up to two decimals: 1.5GB, not 1500MB.
+        if size >= factor and (size * 100) % factor == 0:
+            number = Decimal(size) / factor
+            return f"{number.normalize():f}{unit}"
+    return str(size)
+
+
+def config_duration(seconds: float) -> str:
+    """A duration as a configuration file would give it: `5400` is `1h30m`,
+    `90` is `1m30s`, `1.5` is `1.5s`, `0.25` is `250ms`, `0` is `0`."""
+    if seconds == int(seconds) and seconds > 0:
+        whole, parts = int(seconds), []
+        for unit, length in _DURATIONS:
+            count, whole = divmod(whole, length)
+            if count:
+                parts.append(f"{count}{unit}")
+        return "".join(parts)
+    millis = seconds * 1000
+    if 0 < seconds < 1 and abs(millis - round(millis)) < 1e-9:
+        return f"{round(millis)}ms"
+    if seconds == 0:
+        return "0"
+    return f"{Decimal(repr(seconds)).normalize():f}s"

@@ -242,6 +242,16 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("limit", "fds"):
+            self.http_connections_rejected.labels(reason)
+        self.http_bad_requests = Counter(
+            "mirror_http_bad_requests",
+            "Connections that sent no valid HTTP request, by reason "
+            "(malformed: answered 400; tls_on_plain: a TLS handshake on the "
+            "plain-HTTP port, closed).",
+            ["reason"],
+            registry=r,
+        )
         self.client_refusals = Counter(
             "mirror_client_refusals",
             "Requests refused for who sent them, by reason (address: not in "
@@ -311,6 +321,12 @@ class RegistryMetrics:
         self.ratelimit_limit = _Bound(metrics.ratelimit_limit, registry)
         self.ratelimit_remaining = _Bound(metrics.ratelimit_remaining, registry)
         self.first_byte = _Bound(metrics.upstream_first_byte, registry)
+        # Failures an alert watches exist at 0 from the start, so that the
+        # first one is an increase Prometheus can see.
+        for kind in ("manifest", "blob"):
+            self.verification_failures.labels(kind)
+        for reason in ("rejected", "denied", "untrusted_realm"):
+            self.auth_failures.labels(reason)
         self.up = metrics.upstream_up.labels(registry)
         self.throttled = metrics.upstream_throttled.labels(registry)
         self.denials = metrics.repository_denials.labels(registry)

@@ -54,24 +54,38 @@ from mirror.config import (
     parse_registry_host,
 )
 from mirror.errors import MirrorError
+from mirror.logutil import human_size
 from mirror.metrics import Metrics
 from mirror.reference import names_a_registry, parse_digest, parse_name, parse_tag
 
 
 class OpsError(Exception):
-    """A command cannot do what was asked; the message is one line."""
+    """A command cannot do what was asked; the message is one line.
+
+    `exit_status` is what the CLI returns, `kind` what `--json` reports.
+    """
 
     exit_status = 1
+    kind = "runtime"
 
 
 class UsageError(OpsError):
     """The command line or the configuration is wrong (exit status 2)."""
 
     exit_status = 2
+    kind = "usage"
+
+
+class NoCache(UsageError):
+    """There is no cache where the command looked (exit status 2)."""
+
+    kind = "no_cache"
 
 
 class NotInCache(OpsError):
     """The named repository or tag is not in the cache (exit status 1)."""
+
+    kind = "not_found"
 
 
 # --- image references ---------------------------------------------------------
@@ -163,11 +177,12 @@ async def open_cache(cache_dir: Path) -> AsyncIterator[Cache]:
     """The cache in `cache_dir`, which must exist; closes the database after.
 
     Opening migrates an older schema, like the daemon would. Raises
-    UsageError when there is no cache there or its schema is too new.
+    NoCache when there is no cache there, UsageError when its schema is too
+    new.
     """
     db_path = cache_dir / DATABASE_NAME
     if not db_path.is_file():
-        raise UsageError(
+        raise NoCache(
             f"no cache in {cache_dir} ({DATABASE_NAME} not found; "
             "give --cache-dir, cache.dir or MIRROR_CACHE_DIR)"
         )
@@ -484,10 +499,29 @@ class Progress:
         self.stream.flush()
 
     def finish(self) -> None:
+        """End the line shown; the next `show` is shown at once."""
         if self.tty and self._shown:
             self.stream.write("\n")
             self.stream.flush()
         self._shown = ""
+        self._last = -float("inf")
+
+    def transfer_callback(self) -> Callable[[str, int, int | None], None]:
+        """`update(name, done, total)` shows `library/alpine:3 12.3 MiB /
+        45.6 MiB (27%)`, or without the total when it is unknown (None);
+        the line that reaches the total is shown whatever the interval."""
+
+        def update(name: str, done: int, total: int | None) -> None:
+            if total is None:
+                self.show(f"{name} {human_size(done)}")
+                return
+            share = done / total if total else 1.0
+            self.show(
+                f"{name} {human_size(done)} / {human_size(total)} ({share:.0%})",
+                force=done >= total,
+            )
+
+        return update
 
     def verify_callback(self) -> Callable[[int, int, int, int], None]:
         def update(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
@@ -526,16 +560,6 @@ def to_json(value: Any) -> str:
         return obj
 
     return json.dumps(convert(value), indent=2)
-
-
-def human_size(size: int) -> str:
-    """Bytes in binary units: `512 B`, `1.5 KiB`, `3.2 GiB`."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def human_age(seconds: float) -> str:

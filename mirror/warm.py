@@ -30,11 +30,11 @@ import aiohttp
 
 from mirror.config import DOCKER_IO, Address
 from mirror.errors import MirrorError
+from mirror.logutil import human_size
 from mirror.ops import (
     ImageRef,
     OpsError,
     UsageError,
-    human_size,
     parse_image_ref,
     qualified_name,
     short_digest,
@@ -57,6 +57,12 @@ TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
 
 class WarmError(OpsError):
     """One image could not be warmed; the message says what failed."""
+
+
+# on_bytes(result, total): `result.bytes` of the image's blobs are read, of
+# `total` (what its manifests declare for the blobs this run fetches; None
+# when one declares no size). Called once before the first byte too.
+BytesCallback = Callable[["WarmResult", int | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +157,7 @@ class Warmer:
         *,
         platform: Platform | None = None,
         concurrency: int = 3,
-        on_bytes: Callable[[WarmResult], None] | None = None,
+        on_bytes: BytesCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
@@ -185,8 +191,11 @@ class Warmer:
         result.manifests = plan.manifests
         result.blobs = len(plan.blobs)
         todo = [(d, n) for d, n in plan.blobs.items() if d not in self._warmed]
+        total = None if any(n < 0 for _, n in todo) else sum(n for _, n in todo)
+        if todo and self.on_bytes is not None:
+            self.on_bytes(result, total)
         outcomes = await asyncio.gather(
-            *(self._blob(ref, d, n, result) for d, n in todo),
+            *(self._blob(ref, d, n, result, total) for d, n in todo),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -249,7 +258,12 @@ class Warmer:
         return digest
 
     async def _blob(
-        self, ref: ImageRef, digest: str, size: int, result: WarmResult
+        self,
+        ref: ImageRef,
+        digest: str,
+        size: int,
+        result: WarmResult,
+        total: int | None,
     ) -> None:
         async with self._slots:
             if digest in self._warmed:
@@ -263,7 +277,7 @@ class Warmer:
                     got += len(chunk)
                     result.bytes += len(chunk)
                     if self.on_bytes is not None:
-                        self.on_bytes(result)
+                        self.on_bytes(result, total)
             if size >= 0 and got != size:
                 raise WarmError(f"blob {digest}: got {got} bytes, expected {size}")
             self._warmed.add(digest)
@@ -325,7 +339,7 @@ async def warm(
     platform: Platform | None = None,
     concurrency: int = 3,
     on_result: Callable[[WarmResult], None] | None = None,
-    on_bytes: Callable[[WarmResult], None] | None = None,
+    on_bytes: BytesCallback | None = None,
 ) -> list[WarmResult]:
     """Warm `images` one after the other; returns one result per image."""
     results = []

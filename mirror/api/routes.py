@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -10,12 +11,35 @@ from aiohttp import web
 from mirror import outcome
 from mirror.api.errors import Handler
 from mirror.api.handlers import RegistryHandlers
+from mirror.api.routing import ROUTE
+from mirror.api.status import StatusPage
 from mirror.metrics import Metrics
 from mirror.outcome import Outcome
+from mirror.stats import Stats
 
 # What the request did (cache result, registry, bytes sent by sendfile), for
 # the access log.
 OUTCOME = web.RequestKey("outcome", Outcome)
+REQUEST_ID_HEADER = "X-Request-Id"
+# A client's (or a proxy's) request id is kept only if it is this plain.
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class BodyBytes:
+    """Counts the body bytes aiohttp's writer sends for one response (its
+    `on_body_write` hook): not the headers nor chunk framing, which the
+    writer's own count includes, and not sendfile's (Outcome.sent)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, size: int, _total: int) -> None:
+        self.count += size
+
+
+BODY_BYTES = web.RequestKey("body_bytes", BodyBytes)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 Middleware = Any  # aiohttp's middleware type is not exported in a stable form
@@ -31,10 +55,15 @@ async def _ignore_expect(request: web.Request) -> None:
 
 
 def add_routes(
-    app: web.Application, handlers: RegistryHandlers, *, operations: bool = True
+    app: web.Application,
+    handlers: RegistryHandlers,
+    *,
+    operations: bool = True,
+    status: StatusPage | None = None,
 ) -> None:
     """The registry API, and with `operations` /metrics, /healthz and
-    /readyz too (unless they have a listener of their own)."""
+    /readyz (and the `status` page at / and /status.json) too, unless they
+    have a listener of their own."""
 
     def get(path: str, handler: Handler, name: str | None = None) -> None:
         app.router.add_get(path, handler, name=name, expect_handler=_ignore_expect)
@@ -46,7 +75,7 @@ def add_routes(
     get(f"/v2/{_NAME}/tags/list", handlers.tags, "tags")
     get(f"/v2/{_NAME}/referrers/{{digest}}", handlers.referrers, "referrers")
     if operations:
-        add_operations_routes(app, handlers)
+        add_operations_routes(app, handlers, status)
     # Everything else under /v2/: 405 UNSUPPORTED for writes, 404 for reads.
     app.router.add_route(
         "*",
@@ -63,19 +92,36 @@ def add_routes(
     )
 
 
-def add_operations_routes(app: web.Application, handlers: RegistryHandlers) -> None:
-    """/metrics, /healthz and /readyz; every other path is a 404 NOT_FOUND."""
-    for path, handler, name in (
+def add_operations_routes(
+    app: web.Application, handlers: RegistryHandlers, status: StatusPage | None = None
+) -> None:
+    """/metrics, /healthz and /readyz, and with `status` / and /status.json;
+    every other path is a 404 NOT_FOUND."""
+    routes: list[tuple[str, Handler, str]] = [
         ("/metrics", handlers.metrics_page, "metrics"),
         ("/healthz", handlers.healthz, "healthz"),
         ("/readyz", handlers.readyz, "readyz"),
-    ):
+    ]
+    if status is not None:
+        routes.append(("/", status.html, "status"))
+        routes.append(("/status.json", status.json, "status_json"))
+    for path, handler, name in routes:
         app.router.add_get(path, handler, name=name, expect_handler=_ignore_expect)
 
 
-def metrics_middleware(metrics: Metrics) -> Middleware:
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the request id in an `X-Request-Id` header, so a
+    client's report can be matched to its access-log line."""
+    done = request.get(OUTCOME)
+    if done is not None:
+        response.headers[REQUEST_ID_HEADER] = done.id
+
+
+def metrics_middleware(metrics: Metrics, stats: Stats | None = None) -> Middleware:
     """Count every request by route name, method and status, and time it by
-    route and cache result; start its Outcome (OUTCOME on the request)."""
+    route and cache result; start its Outcome (OUTCOME on the request).
+    `stats` (the status page's history) gets the same cache result, and
+    each manifest served to a GET."""
     # labels() costs a lock and a tuple lookup per call; the combinations are
     # few, so the children are looked up once and kept.
     counters: dict[tuple[str, str, int], Any] = {}
@@ -86,6 +132,11 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
         route = request.match_info.route.name or "other"
         started = time.perf_counter()
         done = request[OUTCOME] = outcome.begin()
+        given = request.headers.get(REQUEST_ID_HEADER)
+        if given is not None and _REQUEST_ID_RE.fullmatch(given):
+            done.id = given
+        body = request[BODY_BYTES] = BodyBytes()
+        request.writer.on_body_write = body
         status = 500
         try:
             response = await handler(request)
@@ -108,5 +159,10 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
                     route, result
                 )
             timer.observe(time.perf_counter() - started)
+            if stats is not None:
+                stats.answered(done.cache)
+                target = request.get(ROUTE)
+                if route == "manifest" and method == "GET" and status == 200 and target:
+                    stats.pulled(target.registry.name, target.repository)
 
     return middleware

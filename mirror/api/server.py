@@ -19,8 +19,18 @@ as they are. `serve()` runs the same app with:
 * **Out of file descriptors**: asyncio's accept loop reports EMFILE through
   the loop's exception handler, once per failed accept with a traceback;
   here it becomes one warning a minute and a metric.
-* **An escaped access log**: the request line and User-Agent are escaped
-  and cut short, so a client cannot forge log lines.
+* **A TLS handshake on the plain-HTTP port** (podman and skopeo try
+  https:// first when TLS verification is off) is answered with a plain 400
+  and closed before aiohttp's parser sees it: no access line, a counter, and
+  an INFO line a minute at most.
+* **An access log that says what happened**: one line per request with the
+  body bytes really sent (sendfile's included), the cache result, the
+  upstream registry and the request id (also sent as `X-Request-Id`); the
+  request line and User-Agent are escaped and cut short, so a client cannot
+  forge log lines. With `log.format = "json"` the same fields are keys of a
+  JSON object (mirror/logformat.py, docs/logging.md).
+* **"listening" only once it is true**: logged after the app started
+  (reconciliation done) and every socket is bound.
 * **HTTPS** when `server.tls_cert` and `server.tls_key` are set, reloaded
   on SIGHUP and when the files change (see mirror/tls.py); a TLS handshake
   must finish within `server.header_timeout` too.
@@ -31,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 import signal
 from collections.abc import Callable
@@ -40,15 +51,24 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
+from mirror import __version__
 from mirror.api.clients import CLIENT
 from mirror.api.errors import API_VERSION_HEADER, ErrorCode, error_response
-from mirror.config import Config, small_blob_slots
+from mirror.api.routes import BODY_BYTES, OUTCOME
+from mirror.api.routing import ROUTE
+from mirror.config import Address, Config, small_blob_slots
 from mirror.logutil import OncePer, escape
 from mirror.metrics import Metrics
 from mirror.tls import ServerTls
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mirror.access")
+
+# The access line of log.format = "text" (AccessLogger).
+ACCESS_TEXT = '%s "%s" %d %d %.6fs cache=%s registry=%s id=%s "%s"'
+# Longest path written into a JSON access line (the text line cuts the
+# whole request line at 512 characters).
+_JSON_PATH_LIMIT = 2048
 
 # File descriptors kept free of client connections: the database, the
 # listening sockets, logs, and headroom for what a request opens briefly.
@@ -69,32 +89,43 @@ _MAX_WAITING_REFUSALS = 32
 SHUTDOWN_TIMEOUT = 30.0
 
 
-def _refusal() -> bytes:
+def _canned(status: str, code: ErrorCode, message: str, extra: dict[str, str]) -> bytes:
+    """A whole HTTP/1.1 response with an OCI error body, for answers written
+    straight to the transport."""
     body = json.dumps(
-        {
-            "errors": [
-                {
-                    "code": ErrorCode.UNAVAILABLE.code,
-                    "message": "mirror is at its connection limit; retry shortly",
-                    "detail": None,
-                }
-            ]
-        }
+        {"errors": [{"code": code.code, "message": message, "detail": None}]}
     ).encode()
     headers = {
         "Content-Type": "application/json",
         "Content-Length": str(len(body)),
-        "Retry-After": "1",
+        **extra,
         **API_VERSION_HEADER,
         "Connection": "close",
     }
-    head = "HTTP/1.1 503 Service Unavailable\r\n" + "".join(
+    head = f"HTTP/1.1 {status}\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in headers.items()
     )
     return (head + "\r\n").encode() + body
 
 
-_REFUSAL = _refusal()
+_REFUSAL = _canned(
+    "503 Service Unavailable",
+    ErrorCode.UNAVAILABLE,
+    "mirror is at its connection limit; retry shortly",
+    {"Retry-After": "1"},
+)
+# What a TLS client gets on the plain-HTTP port. A TLS library reads it as a
+# broken handshake; Go's (podman, skopeo, containerd) names it "server gave
+# HTTP response to HTTPS client", which is the truth.
+_PLAIN_HTTP_ONLY = _canned(
+    "400 Bad Request",
+    ErrorCode.BAD_REQUEST,
+    "this port serves plain HTTP: use http://, not https://",
+    {},
+)
+# A TLS record of type handshake (a ClientHello) starts with this byte; no
+# HTTP request does (a method is a token of printable characters).
+_TLS_HANDSHAKE = 0x16
 
 
 class ConnectionLimit:
@@ -125,11 +156,38 @@ class ConnectionLimit:
         self._metrics.http_connections.set(self.open)
 
 
+class BadRequests:
+    """What the listener does about connections that send no valid HTTP:
+    count them, and log them at most once a minute per kind."""
+
+    def __init__(self, metrics: Metrics, *, plain: bool) -> None:
+        self.plain = plain  # the listener speaks HTTP without TLS
+        self._metrics = metrics
+        self._malformed = OncePer(60.0)
+        self._tls = OncePer(60.0)
+
+    def malformed(self) -> bool:
+        """Count a malformed request; true if it may be logged now."""
+        self._metrics.http_bad_requests.labels("malformed").inc()
+        return self._malformed.ready()
+
+    def tls_on_plain(self, transport: asyncio.BaseTransport) -> None:
+        self._metrics.http_bad_requests.labels("tls_on_plain").inc()
+        if self._tls.ready():
+            peer = transport.get_extra_info("peername")
+            log.info(
+                "TLS handshake on the plain-HTTP port from %s; clients must use "
+                "http:// (podman, skopeo and buildah try https:// first when TLS "
+                "verification is off; this is repeated at most once a minute)",
+                peer[0] if isinstance(peer, tuple) else "an unknown address",
+            )
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, with the limit and OCI error pages."""
 
     def __init__(
-        self, limit: ConnectionLimit, bad_requests: OncePer, **kwargs: Any
+        self, limit: ConnectionLimit, bad_requests: BadRequests, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
         self._limit = limit
@@ -137,6 +195,7 @@ class _Handler(RequestHandler):
         self._refused: asyncio.Transport | None = None
         self._waiting = False  # a refusal counted in ConnectionLimit.refusing
         self._admitted = False
+        self._first = True  # no bytes received yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Counted here and in connection_lost, which asyncio always pairs
@@ -159,7 +218,23 @@ class _Handler(RequestHandler):
         if self._refused is not None:
             self._refuse()  # the request has started: answer it
             return
+        if self._first:
+            self._first = False
+            if data and data[0] == _TLS_HANDSHAKE and self._bad_requests.plain:
+                self._tls_on_plain()
+                return
         super().data_received(data)
+
+    def _tls_on_plain(self) -> None:
+        """A ClientHello where an HTTP request belongs: answer in plain HTTP
+        and close, without aiohttp's parser (whose 400 would be logged as an
+        `UNKNOWN /` request)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._bad_requests.tls_on_plain(transport)
+        transport.write(_PLAIN_HTTP_ONLY)
+        transport.close()
 
     def _stop_waiting(self) -> None:
         if self._waiting:
@@ -199,7 +274,7 @@ class _Handler(RequestHandler):
                 ErrorCode.UNKNOWN, "internal error", status=status
             )
         else:
-            if self._bad_requests.ready():
+            if self._bad_requests.malformed():
                 log.info(
                     "malformed request from %s: %s",
                     request.remote,
@@ -213,25 +288,77 @@ class _Handler(RequestHandler):
 
 
 class AccessLogger(AbstractAccessLogger):
-    """`remote "METHOD path HTTP/x.y" status bytes seconds "User-Agent"`,
-    with the client-chosen parts escaped."""
+    """One line per request (ACCESS_TEXT; with `log.format = "json"`, the
+    fields of mirror.logformat.ACCESS_FIELDS as the record's `access`):
+
+    `remote "METHOD path HTTP/x.y" status bytes seconds cache=... registry=...
+    id=... "User-Agent"`, with the client-chosen parts escaped. `bytes` is
+    the body sent: aiohttp's writer's body bytes (not the headers) plus
+    sendfile's (Outcome.sent), so a cached blob logs its full size.
+    """
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._json = log_format == "json"
 
     def log(
         self, request: web.BaseRequest, response: web.StreamResponse, time: float
     ) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        version = f"{request.version.major}.{request.version.minor}"
-        line = f"{request.method} {request.path_qs} HTTP/{version}"
+        done = request.get(OUTCOME)
+        body = request.get(BODY_BYTES)
+        if done is None or body is None:
+            # aiohttp's own answer (a malformed request): written in one go.
+            sent = response.content_length or 0
+            cache = registry = request_id = None
+        else:
+            sent = body.count + done.sent
+            cache, request_id = done.cache, done.id
+            route = request.get(ROUTE)
+            registry = route.registry.name if route is not None else done.registry
+        # The client behind a trusted proxy, when there is one.
+        remote = request.get(CLIENT) or request.remote or "-"
+        version = request.version
+        agent = request.headers.get("User-Agent")
+        if self._json:
+            path = request.path_qs[:_JSON_PATH_LIMIT]
+            self.logger.info(
+                "%s %s %d",
+                request.method,
+                path,
+                response.status,
+                extra={
+                    "access": {
+                        "remote": remote,
+                        "method": request.method,
+                        "path": path,
+                        "proto": f"HTTP/{version.major}.{version.minor}",
+                        "status": response.status,
+                        "bytes": sent,
+                        "duration_s": round(time, 6),
+                        "cache": cache,
+                        "registry": registry,
+                        "request_id": request_id,
+                        "user_agent": None if agent is None else agent[:512],
+                    }
+                },
+            )
+            return
+        line = (
+            f"{request.method} {request.path_qs} HTTP/{version.major}.{version.minor}"
+        )
         self.logger.info(
-            '%s "%s" %d %d %.6f "%s"',
-            # The client behind a trusted proxy, when there is one.
-            request.get(CLIENT) or request.remote,
+            ACCESS_TEXT,
+            remote,
             escape(line, 512),
             response.status,
-            response.body_length,
+            sent,
             time,
-            escape(request.headers.get("User-Agent", "-"), 256),
+            cache or "-",
+            registry or "-",
+            request_id or "-",
+            "-" if agent is None else escape(agent, 256),
         )
 
     @property
@@ -325,6 +452,7 @@ async def serve(
         "keepalive_timeout": config.server.header_timeout,
         "access_log_class": AccessLogger,
         "access_log": access_log if config.log.access_log else None,
+        "access_log_format": config.log.format,
     }
     runner = web.AppRunner(
         app,
@@ -348,7 +476,7 @@ async def serve(
 
         signals.append(signal.SIGHUP)
         loop.add_signal_handler(signal.SIGHUP, hangup)
-    bad_requests = OncePer(60.0)
+    bad_requests = BadRequests(metrics, plain=tls is None)
 
     def protocol() -> RequestHandler:
         assert runner.server is not None  # noqa: S101 - set by setup()
@@ -381,21 +509,36 @@ async def serve(
     try:
         if admin is not None:
             admin_runner = await _serve_admin(admin, config, admin_tls)
-            if admin_started is not None:
-                admin_started(_bound_port(admin_runner))
+        port = server.sockets[0].getsockname()[1]
+        # Only now: the app has started (runner.setup() ran the start-up,
+        # reconciliation included) and every socket is bound.
+        log.info(
+            "mirror %s listening on %s (%s)",
+            __version__,
+            Address(listen.host, port),
+            "https" if tls is not None else "http",
+        )
+        if admin_runner is not None and admin_started is not None:
+            admin_started(_bound_port(admin_runner))
         if started is not None:
-            started(server.sockets[0].getsockname()[1])
+            started(port)
         await stop.wait()
         log.info("shutting down")
     finally:
         for watcher in watchers:
             watcher.cancel()
-        if admin_runner is not None:
-            await admin_runner.cleanup()
         server.close()  # no new connections; runner.cleanup ends the open ones
-        await runner.cleanup()
+        # Side by side, so the admin listener adds nothing to the drain.
+        cleanups = [runner.cleanup()]
+        if admin_runner is not None:
+            cleanups.append(admin_runner.cleanup())
+        failed = [
+            e for e in await asyncio.gather(*cleanups, return_exceptions=True) if e
+        ]
         await server.wait_closed()
         _restore(loop, signals, previous_handler)
+        if failed:
+            raise failed[0]
 
 
 def _server_tls(config: Config, metrics: Metrics) -> ServerTls | None:
@@ -416,7 +559,10 @@ class ListenError(OSError):
     """An address could not be bound; `str()` says which and why."""
 
     def __init__(self, what: str, cause: OSError) -> None:
-        super().__init__(cause.errno, f"cannot listen on {what}: {cause.strerror}")
+        # asyncio's create_server words its own strerror ("error while
+        # attempting to bind on address (...): address already in use").
+        reason = os.strerror(cause.errno) if cause.errno else cause.strerror
+        super().__init__(cause.errno, f"cannot listen on {what}: {reason}")
 
 
 def _admin_tls(config: Config, metrics: Metrics) -> ServerTls | None:
@@ -443,6 +589,7 @@ async def _serve_admin(
         handle_signals=False,
         access_log=None,  # scrapes every few seconds would drown the log
         keepalive_timeout=config.server.header_timeout,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     await runner.setup()
     site = web.TCPSite(
@@ -457,7 +604,11 @@ async def _serve_admin(
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(f"server.admin_listen {listen}", exc) from exc
-    log.info("serving /metrics, /healthz and /readyz on %s", listen)
+    log.info(
+        "serving /metrics, /healthz, /readyz and the status page on %s (%s)",
+        Address(listen.host, _bound_port(runner)),
+        "https" if tls is not None else "http",
+    )
     return runner
 
 

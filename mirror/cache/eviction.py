@@ -22,11 +22,12 @@ import collections
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mirror.cache.blobs import BlobStore
 from mirror.cache.metadata import MetadataStore
+from mirror.logutil import human_size
 from mirror.metrics import Metrics
 from mirror.reference import parse_digest
 
@@ -80,6 +81,7 @@ class Evictor:
         min_free: int,
         low_watermark: float,
         interval: float,
+        on_pass: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self.metadata = metadata
         self.blobs = blobs
@@ -89,6 +91,8 @@ class Evictor:
         self.min_free = min_free
         self.low_watermark = low_watermark
         self.interval = interval
+        # Told (blobs, bytes freed, size after) of each pass that evicted.
+        self.on_pass = on_pass
         self._wakeup = asyncio.Event()
         self._size = 0  # bytes in the store, as of the last pass or addition
         self._reserved = 0  # bytes downloads in progress will add
@@ -180,19 +184,21 @@ class Evictor:
             self.metrics.evictions.inc(evicted)
             self.metrics.evicted_bytes.inc(freed)
             await self.load()
+            if evicted and self.on_pass is not None:
+                self.on_pass(evicted, freed, self._size)
             if evicted:
                 log.info(
-                    "evicted %d blobs (%d bytes); cache now %d of %d bytes",
+                    "evicted %d blobs (%s); cache now %s of %s",
                     evicted,
-                    freed,
-                    self._size,
-                    self.max_size,
+                    human_size(freed),
+                    human_size(self._size),
+                    human_size(self.max_size),
                 )
             if self._size > self.max_size:
                 log.warning(
-                    "cache still over budget (%d > %d bytes): the rest is in use",
-                    self._size,
-                    self.max_size,
+                    "cache still over budget (%s of %s): the rest is in use",
+                    human_size(self._size),
+                    human_size(self.max_size),
                 )
             return PassResult(evicted, freed, self._size)
 

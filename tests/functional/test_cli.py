@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import closing
@@ -22,6 +24,7 @@ import pytest
 from mirror.app import CACHE
 from mirror.cache.blobs import BlobStore
 from mirror.cli import main
+from mirror.logutil import human_size
 from mirror.upstream.client import MANIFEST_ACCEPT
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import FakeRegistry, Image
@@ -220,6 +223,29 @@ async def test_ls_of_an_unknown_repository_fails(
     assert "library/nginx is not in the cache" in err
     status, _, err = await cli("ls", "nginx:1", "--cache-dir", cache_dir(mirror))
     assert status == 2
+
+
+async def test_an_unknown_repository_as_json_is_an_error_object(
+    make_mirror: MirrorFactory, cli: Cli
+) -> None:
+    mirror = await make_mirror()
+    status, out, err = await cli(
+        "ls", "nginx", "--cache-dir", cache_dir(mirror), "--json"
+    )
+    assert (status, err) == (1, "")
+    assert json.loads(out) == {
+        "error": {
+            "kind": "not_found",
+            "message": "library/nginx is not in the cache",
+            "key": None,
+            "suggestion": None,
+        }
+    }
+    status, out, err = await cli(
+        "purge", "ghcr.io/a/b:1", "--cache-dir", cache_dir(mirror), "--json"
+    )
+    assert (status, err) == (1, "")
+    assert json.loads(out)["error"]["kind"] == "not_found"
 
 
 # --- purge ---------------------------------------------------------------------
@@ -590,8 +616,9 @@ async def test_commands_leave_downloads_in_progress_alone(
         if any(tmp.iterdir()):
             break
         await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the download never made a temp file")
     in_progress = set(tmp.iterdir())
-    assert in_progress
 
     args = ("--cache-dir", cache_dir(mirror))
     assert (await cli("status", *args))[0] == 0
@@ -607,8 +634,9 @@ async def test_commands_leave_downloads_in_progress_alone(
         if big in blob_rows(mirror):
             break
         await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the finished download never got its row")
     assert big in files(mirror)
-    assert big in blob_rows(mirror)
 
 
 # --- warm ----------------------------------------------------------------------
@@ -754,6 +782,60 @@ async def test_warm_usage_errors_exit_2(tmp_path: Path, cli: Cli) -> None:
         )
         assert status == 2, argv
         assert err.startswith("mirror: "), argv
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so that warm draws its progress."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_warm_on_a_terminal_shows_byte_progress(
+    make_mirror: MirrorFactory, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = FakeRegistry()
+    image = upstream.push_image(
+        "library/alpine", "3", [layer(1, 2_000_000), layer(2, 1_000_000)]
+    )
+    mirror = await make_mirror(upstream)
+    total = human_size(size_of(upstream, image))
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    status, out, _ = await cli("warm", "alpine:3", "--mirror", mirror_url(mirror))
+
+    assert status == 0
+    drawn = terminal.getvalue()
+    # The line is redrawn in place: from nothing read to all of it, then ended
+    # before the result line goes to stdout.
+    assert drawn.startswith(f"\rlibrary/alpine:3 0 B / {total} (0%)\x1b[K")
+    assert drawn.endswith(f"\rlibrary/alpine:3 {total} / {total} (100%)\x1b[K\n")
+    assert out.startswith("ok      library/alpine:3 ")
+    assert "\r" not in out
+
+    # With --json the progress stays on the terminal and stdout is JSON only.
+    terminal.seek(0)
+    terminal.truncate()
+    await mirror.settle()
+    status, out, _ = await cli(
+        "warm", "alpine:3", "--mirror", mirror_url(mirror), "--json"
+    )
+    assert status == 0
+    assert json.loads(out)["images"][0]["bytes"] == size_of(upstream, image)
+    assert f"{total} / {total} (100%)" in terminal.getvalue()
+
+
+async def test_warm_into_a_pipe_draws_no_progress(
+    make_mirror: MirrorFactory, cli: Cli
+) -> None:
+    upstream = FakeRegistry()
+    upstream.push_image("library/alpine", "3", [layer(1, 500_000)])
+    mirror = await make_mirror(upstream)
+    status, out, err = await cli("warm", "alpine:3", "--mirror", mirror_url(mirror))
+    assert status == 0
+    assert err == ""
+    assert out.count("\n") == 2  # the image's line and the summary
 
 
 async def test_warm_of_an_unreachable_mirror_fails(cli: Cli) -> None:

@@ -55,7 +55,15 @@ EXCHANGE_TIMEOUT = 10.0
 OCI_CODES = frozenset(c.code for c in ErrorCode) - {ErrorCode.UNKNOWN.code}
 LOOPBACK_ANY = Address("127.0.0.1", 0)
 # Endpoints that answer something other than registry content.
-PLAIN_ENDPOINTS = ("/metrics", "/healthz", "/readyz", "/v2/", "/v2")
+PLAIN_ENDPOINTS = (
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/v2/",
+    "/v2",
+    "/",
+    "/status.json",
+)
 
 
 def layer(n: int, size: int) -> bytes:

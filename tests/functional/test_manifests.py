@@ -7,6 +7,7 @@ import json
 
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, sha256
+from tests.promtext import parse_samples
 
 ALL_MANIFEST_TYPES = {
     "application/vnd.oci.image.index.v1+json",
@@ -26,8 +27,9 @@ async def with_image(
 
 async def get_tag(mirror: Mirror, tag: str = "1") -> tuple[int, bytes, dict[str, str]]:
     resp = await mirror.client.get(f"/v2/library/app/manifests/{tag}")
-    headers = dict(resp.headers)
-    del headers["Date"]  # the one header that may differ between two requests
+    headers = {k: v for k, v in resp.headers.items() if k.lower() != "x-request-id"}
+    assert resp.headers["X-Request-Id"]  # one per request, so it differs
+    del headers["Date"]  # the other header that may differ between two requests
     return resp.status, await resp.read(), headers
 
 
@@ -226,3 +228,55 @@ async def test_head_by_digest_of_uncached_manifest_is_only_a_head_upstream(
     assert resp.headers["Content-Length"] == str(len(upstream.manifests[digest][1]))
     assert upstream.count("manifest", "GET") == 0
     assert upstream.count("manifest", "HEAD") == 1
+
+
+RESULTS = ("miss", "joined")
+
+
+async def test_concurrent_gets_of_one_manifest_digest_share_one_upstream_get(
+    make_mirror: MirrorFactory,
+) -> None:
+    # The children of a multi-arch index are fetched by digest: during a herd,
+    # one Docker Hub pull for all of them, not one per client.
+    upstream = FakeRegistry()
+    image = upstream.push_image("library/app", "1", [b"herd" * 100])
+    upstream.stall = asyncio.Event()
+    mirror = await make_mirror(upstream)
+    url = f"/v2/library/app/manifests/{image.digest}"
+
+    async def get() -> tuple[int, bytes]:
+        resp = await mirror.client.get(url)
+        return resp.status, await resp.read()
+
+    clients = [asyncio.create_task(get()) for _ in range(20)]
+    lookups = 'mirror_cache_requests_total{kind="manifest",registry="docker.io",'
+    waiting = 0.0
+    for _ in range(500):
+        samples = parse_samples(await (await mirror.client.get("/metrics")).text())
+        waiting = sum(samples.get(f'{lookups}result="{r}"}}', 0) for r in RESULTS)
+        if waiting == 20:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError(f"only {waiting} of 20 clients reached the mirror")
+    upstream.stall.set()
+    assert await asyncio.gather(*clients) == [(200, image.manifest)] * 20
+    assert upstream.count("manifest", "GET") == 1
+
+
+async def test_a_revalidated_tag_is_fresh_for_another_ttl(
+    make_mirror: MirrorFactory,
+) -> None:
+    mirror, upstream = await with_image(make_mirror, cache_tag_ttl="1m")
+    await get_tag(mirror)
+    mirror.clock.advance(61)
+    await get_tag(mirror)  # expired: one HEAD revalidates it
+    assert upstream.count("manifest", "HEAD") == 1
+    mirror.clock.advance(59)  # within the TTL counted from the revalidation
+    for _ in range(3):
+        status, _, headers = await get_tag(mirror)
+        assert (status, headers["X-Mirror-Cache"]) == (200, "hit")
+    assert upstream.count("manifest", "HEAD") == 1
+    mirror.clock.advance(2)  # and expired again
+    await get_tag(mirror)
+    assert upstream.count("manifest", "HEAD") == 2

@@ -63,11 +63,15 @@ def config_error(path: Path | None, environ: dict[str, str]) -> str:
         ("50GiB", 50 * 1024**3),
         ("1.5GB", 1_500_000_000),
         ("1TiB", 1024**4),
-        ("10kb", 10_000),
+        ("10KB", 10_000),
+        ("10kB", 10_000),
+        ("3MB", 3_000_000),
+        ("2TB", 2 * 1000**4),
         ("10KiB", 10 * 1024),
         ("512", 512),
-        ("512b", 512),
-        (" 2 MiB ", 2 * 1024**2),
+        ("512B", 512),
+        ("2 MiB", 2 * 1024**2),  # as `mirror status` prints sizes
+        ("0", 0),
         (0, 0),
         (123456789, 123456789),
     ],
@@ -78,7 +82,12 @@ def test_parse_size_accepts(text: object, expected: int) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "MiB", "-1", "-1MiB", "40XB", "1.5.5GB", "4 0MiB", -1, 1.5, True, None],
+    [
+        *("", "MiB", "-1", "-1MiB", "40XB", "1.5.5GB", "4 0MiB", "2  MiB"),
+        *("50GB ", " 50GB", "50gib", "10kb", "512b", "50G", "1k", "50Gi", "1.5B"),
+        *("1.5", "50_000", "1,5GB"),
+        *(-1, 1.5, True, None),
+    ],
 )
 def test_parse_size_rejects(value: object) -> None:
     with pytest.raises(ValueError, match="is not a size"):
@@ -105,7 +114,6 @@ def test_parse_size_decimal_is_exact() -> None:
         ("1.5h", 5400.0),
         ("0", 0.0),
         ("0s", 0.0),
-        (" 5m ", 300.0),
         (0, 0.0),
     ],
 )
@@ -115,7 +123,11 @@ def test_parse_duration_accepts(value: object, expected: float) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "90", "m", "5M", "-5s", "5 m", "1h 30m", "5x", "s5", "5s!", 90, False, None],
+    [
+        *("", "90", "m", "5M", "-5s", "5 m", "1h 30m", "5x", "s5", "5s!", " 5m "),
+        *("5m ", "5S", "5min", "1hr"),
+        *(90, -1, 1.5, False, None),
+    ],
 )
 def test_parse_duration_rejects(value: object) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
@@ -337,13 +349,13 @@ def test_bad_env_value_wins_over_good_file_value(tmp_path: Path) -> None:
 
 
 def test_unknown_key(tmp_path: Path) -> None:
-    path = write(tmp_path, '[cache]\ntag_ttl = "5m"\nttl = "5m"\n')
-    assert config_error(path, dict(PINNED)) == "unknown key cache.ttl"
+    path = write(tmp_path, '[cache]\ntag_ttl = "5m"\nbogus = "5m"\n')
+    assert config_error(path, dict(PINNED)) == "unknown key cache.bogus"
 
 
 def test_unknown_section(tmp_path: Path) -> None:
-    path = write(tmp_path, "[cahce]\ndir = '/x'\n")
-    assert config_error(path, dict(PINNED)) == "unknown section [cahce]"
+    path = write(tmp_path, "[bogus]\ndir = '/x'\n")
+    assert config_error(path, dict(PINNED)) == "unknown section [bogus]"
 
 
 def test_section_must_be_a_table(tmp_path: Path) -> None:
@@ -352,8 +364,8 @@ def test_section_must_be_a_table(tmp_path: Path) -> None:
 
 
 def test_unknown_environment_variable() -> None:
-    message = config_error(None, {**PINNED, "MIRROR_CACHE_TTL": "5m"})
-    assert message == "unknown environment variable MIRROR_CACHE_TTL"
+    message = config_error(None, {**PINNED, "MIRROR_BOGUS": "5m"})
+    assert message == "unknown environment variable MIRROR_BOGUS"
 
 
 def test_invalid_toml(tmp_path: Path) -> None:
@@ -736,13 +748,31 @@ def test_empty_mirror_registries_adds_nothing() -> None:
 )
 def test_variable_of_an_undefined_registry_is_unknown(variable: str) -> None:
     env = {**PINNED, "MIRROR_REGISTRIES": "quay.io", variable: "x"}
-    assert config_error(None, env) == f"unknown environment variable {variable}"
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env)
+    # quay.io's variable is not offered: it is another registry.
+    assert str(raised.value) == (
+        f"unknown environment variable {variable} (no registry has the slug "
+        'GHCR_IO: define it with [registries."<host>"] or MIRROR_REGISTRIES first)'
+    )
+    assert (raised.value.key, raised.value.suggestion) == (variable, None)
 
 
 def test_unknown_key_variable_of_a_defined_registry() -> None:
     env = {**PINNED, "MIRROR_REGISTRIES": "ghcr.io", "MIRROR_REGISTRY_GHCR_IO_TTL": "1"}
     message = config_error(None, env)
-    assert message == "unknown environment variable MIRROR_REGISTRY_GHCR_IO_TTL"
+    assert message == (
+        "unknown environment variable MIRROR_REGISTRY_GHCR_IO_TTL "
+        "(did you mean MIRROR_REGISTRY_GHCR_IO_TAG_TTL?)"
+    )
+
+
+def test_registry_variable_with_a_near_slug_is_pointed_to_it() -> None:
+    env = {**PINNED, "MIRROR_REGISTRIES": "ghcr.io", "MIRROR_REGISTRY_GHCR_URL": "x"}
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env)
+    assert raised.value.suggestion == "MIRROR_REGISTRY_GHCR_IO_URL"
+    assert "did you mean MIRROR_REGISTRY_GHCR_IO_URL?" in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -1190,3 +1220,285 @@ def test_describe_names_registry_keys_by_placeholder() -> None:
     assert rows['registries."<host>".allow'][0] == "MIRROR_REGISTRY_<SLUG>_ALLOW"
     for key in ("max_downloads", "max_connections", "max_body_size", "dir"):
         assert f'registries."<host>".{key}' not in rows
+
+
+# --- strict values: what was probably meant, named ------------------------------
+
+
+def refused(path: Path | None, environ: dict[str, str]) -> ConfigError:
+    """Load, expect ConfigError, and return it after checking its message."""
+    config_error(path, environ)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("written", "reason", "suggestion"),
+    [
+        ('"50GB "', "a trailing space", "50GB"),
+        ('" 50GB"', "a leading space", "50GB"),
+        ('"50gib"', "units are case-sensitive", "50GiB"),
+        ('"50GIB"', "units are case-sensitive", "50GiB"),
+        ('"500mb"', "units are case-sensitive", "500MB"),
+        ('"50Gi"', "write GiB", "50GiB"),
+        ('"50G"', "a bare G is ambiguous: write GB (powers of 1000) or GiB", None),
+        ('"50XB"', "unknown unit 'XB'", None),
+        ('"-5GiB"', "cannot be negative", None),
+        ("-5", "cannot be negative", None),
+        ("1.5", "quote it, with a unit", None),
+    ],
+)
+def test_a_size_mistake_names_key_value_forms_and_fix(
+    tmp_path: Path, written: str, reason: str, suggestion: str | None
+) -> None:
+    error = refused(write(tmp_path, f"[cache]\nmax_size = {written}\n"), dict(PINNED))
+    message = str(error)
+    value = written.strip('"') if written.startswith('"') else written
+    shown = repr(value) if written.startswith('"') else value
+    assert message.startswith(f"cache.max_size: {shown} is not a size ({reason}")
+    # The accepted forms, both families of units.
+    assert "KB, MB, GB, TB: powers of 1000" in message
+    assert "KiB, MiB, GiB, TiB: powers of 1024" in message
+    assert (error.key, error.suggestion) == ("cache.max_size", suggestion)
+    if suggestion is not None:
+        assert f"did you mean {suggestion!r}?" in message
+        fixed = write(tmp_path, f'[cache]\nmax_size = "{suggestion}"\n')
+        assert load_config(fixed, dict(PINNED)).cache.max_size > 0
+
+
+def test_decimal_and_binary_units_are_both_taken_and_differ() -> None:
+    def size(text: str) -> int:
+        return load_config(
+            None, {**PINNED, "MIRROR_CACHE_MIN_FREE": text}
+        ).cache.min_free
+
+    assert size("1KB") == size("1kB") == 1000
+    assert size("1KiB") == 1024
+    assert size("1.5GB") == 1_500_000_000
+    assert size("1.5GiB") == 1024**3 * 3 // 2
+    assert size("50 GiB") == 50 * 1024**3
+    assert size("53687091200") == 50 * 1024**3
+
+
+def test_a_bad_value_from_the_environment_says_so() -> None:
+    error = refused(None, {**PINNED, "MIRROR_CACHE_MAX_SIZE": "50gib"})
+    assert str(error).startswith("cache.max_size: '50gib' is not a size")
+    assert str(error).endswith("(from MIRROR_CACHE_MAX_SIZE)")
+    assert error.suggestion == "50GiB"
+
+
+@pytest.mark.parametrize("written", ["0", '"0"', '"0B"', '"0 GiB"', '"0.0MiB"'])
+def test_a_cache_budget_of_zero_is_refused(tmp_path: Path, written: str) -> None:
+    path = write(tmp_path, f"[cache]\nmax_size = {written}\n")
+    message = config_error(path, dict(PINNED))
+    assert message.startswith("cache.max_size: 0 leaves no room for any blob")
+    assert "no no-caching mode" in message
+
+
+def test_a_zero_body_limit_is_refused_and_zero_min_free_is_not() -> None:
+    message = config_error(None, {**PINNED, "MIRROR_UPSTREAM_MAX_BODY_SIZE": "0"})
+    assert message.startswith("upstream.max_body_size: 0 would refuse every")
+    config = load_config(None, {**PINNED, "MIRROR_CACHE_MIN_FREE": "0"})
+    assert config.cache.min_free == 0
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "server.header_timeout",
+        "server.send_timeout",
+        "upstream.connect_timeout",
+        "upstream.read_timeout",
+        "upstream.first_byte_timeout",
+        "cache.eviction_interval",
+    ],
+)
+def test_a_zero_timeout_or_interval_is_refused(key: str) -> None:
+    section, name = key.split(".")
+    message = config_error(None, {**PINNED, env_name(section, name): "0s"})
+    assert message.startswith(f"{key}: 0 would ")
+
+
+def test_a_registry_timeout_of_zero_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[{GHCR}]\nread_timeout = "0"\n')
+    assert config_error(path, dict(PINNED)).startswith(f"{GHCR}.read_timeout: 0 ")
+
+
+def test_zero_durations_that_mean_something_are_kept() -> None:
+    env = {
+        **PINNED,
+        "MIRROR_CACHE_TAG_TTL": "0",
+        "MIRROR_SERVER_TLS_WATCH_INTERVAL": "0s",
+        "MIRROR_UPSTREAM_RETRY_BACKOFF": "0ms",
+    }
+    config = load_config(None, env)
+    assert config.cache.tag_ttl == 0
+    assert config.server.tls_watch_interval == 0
+    assert config.upstream.retry_backoff == 0
+
+
+@pytest.mark.parametrize(
+    ("written", "reason", "suggestion"),
+    [
+        ('"5m "', "a trailing space", "5m"),
+        ('"5min"', "unknown unit 'min'", "5m"),
+        ('"1hr30min"', "unknown unit 'hr'", "1h30m"),
+        ('"1h 30m"', "no spaces inside a duration", "1h30m"),
+        ('"5S"', "units are lower case", "5s"),
+        ('"300"', "a duration needs a unit", "300s"),
+        ("300", "a duration needs a unit", "300s"),
+        ('"1M"', "M is not a unit: minutes are m; for months write days", None),
+        ('"-5m"', "cannot be negative", None),
+    ],
+)
+def test_a_duration_mistake_names_the_fix(
+    tmp_path: Path, written: str, reason: str, suggestion: str | None
+) -> None:
+    error = refused(write(tmp_path, f"[cache]\ntag_ttl = {written}\n"), dict(PINNED))
+    assert "is not a duration (" + reason in str(error)
+    assert "use a number and a unit, e.g. 90s, 5m" in str(error)
+    assert (error.key, error.suggestion) == ("cache.tag_ttl", suggestion)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason", "suggestion"),
+    [
+        ("MIRROR_LOG_ACCESS_LOG", "True ", "a trailing space", "True"),
+        ("MIRROR_LOG_ACCESS_LOG", "ture", None, "true"),
+        ("MIRROR_LOG_LEVEL", "warn", None, "warning"),
+        ("MIRROR_LOG_LEVEL", "info ", "a trailing space", "info"),
+        ("MIRROR_CACHE_LOW_WATERMARK", "90", None, "90%"),
+        ("MIRROR_CACHE_LOW_WATERMARK", "90% ", "a trailing space", "90%"),
+        ("MIRROR_UPSTREAM_RETRIES", " 3", "a leading space", "3"),
+        ("MIRROR_UPSTREAM_RETRIES", "-1", "cannot be negative", None),
+        ("MIRROR_CACHE_DIR", "/srv/cache ", "a trailing space", "/srv/cache"),
+        ("MIRROR_SERVER_LISTEN", ":5000 ", "a trailing space", ":5000"),
+    ],
+)
+def test_other_values_are_strict_too(
+    variable: str, value: str, reason: str | None, suggestion: str | None
+) -> None:
+    error = refused(None, {**PINNED, variable: value})
+    message = str(error)
+    assert message.startswith(f"{error.key}: {value!r} is not "), message
+    if reason is not None:
+        assert f"({reason}" in message
+    assert error.suggestion == suggestion
+    if suggestion is not None:
+        assert f"did you mean {suggestion!r}?" in message
+        assert load_config(None, {**PINNED, variable: suggestion}) is not None
+    else:
+        assert "did you mean" not in message
+
+
+def test_booleans_and_levels_keep_their_spellings(tmp_path: Path) -> None:
+    path = write(tmp_path, '[log]\naccess_log = "yes"\nlevel = "WARNING"\n')
+    config = load_config(path, {**PINNED, "MIRROR_LOG_ACCESS_LOG": "off"})
+    assert (config.log.access_log, config.log.level) == (False, "warning")
+    assert load_config(path, dict(PINNED)).log.access_log is True
+
+
+def test_a_url_with_a_stray_space_is_refused_without_echoing_it() -> None:
+    error = refused(None, {**PINNED, "MIRROR_UPSTREAM_URL": "https://u:secret@r.io "})
+    assert str(error).startswith("upstream.url: is not a URL (a trailing space)")
+    assert "secret" not in str(error)
+
+
+# --- unknown names: did you mean ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "suggestion"),
+    [
+        (
+            '[cache]\nmaxsize = "50GiB"\n',
+            "unknown key cache.maxsize (did you mean cache.max_size?)",
+            "cache.max_size",
+        ),
+        (
+            '[cache]\nttl = "5m"\n',
+            "unknown key cache.ttl (did you mean cache.tag_ttl?)",
+            "cache.tag_ttl",
+        ),
+        (
+            '[upstream]\ntag_ttl = "5m"\n',
+            "unknown key upstream.tag_ttl (did you mean cache.tag_ttl?)",
+            "cache.tag_ttl",
+        ),
+        (
+            "[cahce]\ndir = '/x'\n",
+            "unknown section [cahce] (did you mean [cache]?)",
+            "[cache]",
+        ),
+        (
+            '[registry."ghcr.io"]\n',
+            "unknown section [registry] (did you mean [registries]?)",
+            "[registries]",
+        ),
+        (
+            'max_size = "50GiB"\n',
+            "unknown key max_size: it is in no section "
+            "(did you mean cache.max_size, under [cache]?)",
+            "cache.max_size",
+        ),
+        (
+            f'[{GHCR}]\ntagttl = "1h"\n',
+            f"unknown key {GHCR}.tagttl (did you mean {GHCR}.tag_ttl?)",
+            f"{GHCR}.tag_ttl",
+        ),
+        (
+            f'[{GHCR}]\nusername = "u"\npasword = "p"\n',
+            f"unknown key {GHCR}.pasword (did you mean {GHCR}.password?)",
+            f"{GHCR}.password",
+        ),
+    ],
+)
+def test_an_unknown_key_or_section_gets_a_suggestion(
+    tmp_path: Path, text: str, message: str, suggestion: str
+) -> None:
+    error = refused(write(tmp_path, text), dict(PINNED))
+    assert str(error) == message
+    assert error.suggestion == suggestion
+
+
+def test_an_unknown_key_with_nothing_close_gets_no_guess(tmp_path: Path) -> None:
+    error = refused(write(tmp_path, "[cache]\nzzz = 1\n"), dict(PINNED))
+    assert (str(error), error.key, error.suggestion) == (
+        "unknown key cache.zzz",
+        "cache.zzz",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("MIRROR_CACHE_MAXSIZE", "MIRROR_CACHE_MAX_SIZE"),
+        ("MIRROR_CACHE_MAX_SIZ", "MIRROR_CACHE_MAX_SIZE"),
+        ("MIRROR_LOG_LVL", "MIRROR_LOG_LEVEL"),
+        ("MIRROR_UPSTREAM_PASSWORDFILE", "MIRROR_UPSTREAM_PASSWORD_FILE"),
+        ("MIRROR_REGISTRY", "MIRROR_REGISTRIES"),
+    ],
+)
+def test_an_unknown_variable_gets_a_suggestion(variable: str, suggestion: str) -> None:
+    error = refused(None, {**PINNED, variable: "1"})
+    assert str(error) == (
+        f"unknown environment variable {variable} (did you mean {suggestion}?)"
+    )
+    assert (error.key, error.suggestion) == (variable, suggestion)
+
+
+def test_config_error_key_comes_from_the_message_or_is_none(tmp_path: Path) -> None:
+    error = refused(None, {**PINNED, "MIRROR_SERVER_CLIENT_CA": "/x.pem"})
+    assert error.key == "server.client_ca"
+    error = refused(write(tmp_path, "[cache\n"), dict(PINNED))
+    assert error.key is None
+    assert ConfigError("mirror.toml: invalid TOML: ...").key is None
+    error = refused(None, {**PINNED, "MIRROR_REGISTRIES": "docker.io"})
+    assert error.key == "MIRROR_REGISTRIES"
+
+
+def test_the_image_revision_variable_is_not_an_unknown_key() -> None:
+    # deploy/Dockerfile sets it; mirror_build_info reads it.
+    assert load_config(None, {**PINNED, "MIRROR_REVISION": "abc123"}) is not None

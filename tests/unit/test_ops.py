@@ -22,6 +22,7 @@ from mirror import ops
 from mirror.cache.metadata import MetadataStore, PurgeRecord, RegistryCounts
 from mirror.cli import build_parser, main
 from mirror.config import Address, CacheConfig
+from mirror.logutil import human_size
 from mirror.warm import (
     Platform,
     default_mirror_url,
@@ -222,11 +223,11 @@ def test_every_operator_command_is_documented() -> None:
 
 
 def test_human_units() -> None:
-    assert ops.human_size(0) == "0 B"
-    assert ops.human_size(1023) == "1023 B"
-    assert ops.human_size(1536) == "1.5 KiB"
-    assert ops.human_size(50 * 1024**3) == "50.0 GiB"
-    assert ops.human_size(3 * 1024**5) == "3072.0 TiB"
+    assert human_size(0) == "0 B"
+    assert human_size(1023) == "1023 B"
+    assert human_size(1536) == "1.5 KiB"
+    assert human_size(50 * 1024**3) == "50.0 GiB"
+    assert human_size(3 * 1024**5) == "3072.0 TiB"
     assert ops.human_age(5) == "just now"
     assert ops.human_age(90) == "1m ago"
     assert ops.human_age(3 * 86400 + 5) == "3d ago"
