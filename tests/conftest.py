@@ -42,6 +42,7 @@ class Mirror:
             if not cache.pins:
                 return
             await asyncio.sleep(0.001)
+        raise AssertionError(f"blobs still pinned after their responses: {cache.pins}")
 
 
 class FakeClock:
@@ -146,3 +147,20 @@ async def make_mirror(
 
 def ci() -> bool:
     return os.environ.get("CI") == "true"
+
+
+# A unit or functional test runs in well under a second or two; one that
+# takes this long is hung (a response never ended, a lock never released).
+FAST_SUITE_TIMEOUT = 60
+_FAST_SUITES = ("unit", "functional")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give unit and functional tests FAST_SUITE_TIMEOUT, unless they set one."""
+    root = Path(__file__).parent
+    for item in items:
+        suite = (
+            item.path.relative_to(root).parts[0] if root in item.path.parents else ""
+        )
+        if suite in _FAST_SUITES and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(FAST_SUITE_TIMEOUT))

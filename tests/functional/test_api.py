@@ -62,7 +62,20 @@ async def test_tags_list_is_passed_through_with_pagination(
     resp = await mirror.client.get("/v2/someuser/app/tags/list?n=10&last=0&junk=1")
     assert resp.status == 200
     assert json.loads(await resp.read()) == {"name": "someuser/app", "tags": ["1", "2"]}
-    assert upstream.requests("tags")[0].path == "/v2/someuser/app/tags/list"
+    asked = upstream.requests("tags")[0]
+    assert asked.path == "/v2/someuser/app/tags/list"
+    # n and last go upstream; nothing else a client adds does.
+    assert sorted(asked.query.split("&")) == ["last=0", "n=10"]
+
+    # One tag a page: upstream's Link to the next page is passed on.
+    resp = await mirror.client.get("/v2/someuser/app/tags/list?n=1")
+    assert json.loads(await resp.read()) == {"name": "someuser/app", "tags": ["1"]}
+    assert upstream.requests("tags")[1].query == "n=1"
+    link = resp.headers["Link"]
+    assert link == '</v2/someuser/app/tags/list?last=1&n=1>; rel="next"'
+    resp = await mirror.client.get(link[1 : link.index(">")])
+    assert json.loads(await resp.read()) == {"name": "someuser/app", "tags": ["2"]}
+    assert sorted(upstream.requests("tags")[2].query.split("&")) == ["last=1", "n=1"]
     resp = await mirror.client.get("/v2/someuser/nothing/tags/list")
     assert resp.status == 404
     assert await error_code(resp) == "NAME_UNKNOWN"

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
+import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from mirror.cache.blobs import BlobStore
+from mirror.cache.metadata import DATABASE_NAME, MetadataStore
 from tests.conftest import MirrorFactory
 from tests.fakes.registry import OCI_MANIFEST, FakeRegistry, sha256
+from tests.promtext import parse_samples
 
 
 def layer(n: int, size: int = 300_000) -> bytes:
@@ -170,6 +177,8 @@ async def test_client_leaving_does_not_stop_the_download(
         if cached.exists():
             break
         await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the abandoned download never reached the store")
     assert cached.read_bytes() == data
     resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     assert await resp.read() == data
@@ -343,3 +352,61 @@ async def test_wrong_small_body_is_an_error_not_a_complete_response(
     assert json.loads(await resp.read())["errors"][0]["code"] == "UNAVAILABLE"
     await mirror.settle()
     assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
+
+
+async def test_a_full_disk_streams_the_blob_uncached_to_the_client(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(60, 2_000_000)
+    digest = upstream.add_blob(data)
+    upstream.gate = asyncio.Event()  # hold the body after its first chunk
+    mirror = await make_mirror(upstream)
+
+    def disk_full(fd: int | None, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("mirror.download._write_all", disk_full)
+    url = f"/v2/library/x/blobs/{digest}"
+    resp = await mirror.client.get(url)
+    upstream.gate.set()
+    assert await resp.read() == data  # whole and verified, though not stored
+    await mirror.settle()
+    assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
+    assert not any(mirror.config.cache.dir.glob("tmp/*"))
+    samples = parse_samples(await (await mirror.client.get("/metrics")).text())
+    assert samples['mirror_uncached_downloads_total{reason="disk_full"}'] == 1
+    monkeypatch.undo()  # space again: the next pull caches it
+    assert await (await mirror.client.get(url)).read() == data
+    await mirror.settle()
+    assert upstream.count("blob", "GET") == 2
+    assert (await mirror.client.get(url)).headers["X-Mirror-Cache"] == "hit"
+
+
+async def test_shutdown_waits_for_a_verified_download_to_commit(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(61, 500_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+    commit = BlobStore._commit
+
+    def slow_commit(temp: Path, final: Path) -> None:
+        time.sleep(0.5)  # a slow fsync: the client has every byte by now
+        commit(temp, final)
+
+    monkeypatch.setattr(BlobStore, "_commit", staticmethod(slow_commit))
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert await resp.read() == data
+    await mirror.client.close()  # SIGTERM: the app shuts down now
+
+    cache_dir = mirror.config.cache.dir
+    path = cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    assert path.read_bytes() == data
+    metadata = MetadataStore(cache_dir / DATABASE_NAME)
+    await metadata.open()
+    try:
+        assert await metadata.all_blobs() == {digest: len(data)}
+    finally:
+        await metadata.close()

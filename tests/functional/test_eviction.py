@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 
 import aiohttp
 import pytest
 
 from mirror.app import CACHE, EVICTOR
+from mirror.download import WINDOW
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
 
@@ -109,6 +111,8 @@ async def test_blob_being_served_is_not_evicted(make_mirror: MirrorFactory) -> N
         if digest not in pins:
             break
         await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the blob stayed pinned after its response ended")
     assert (await evictor.evict()).evicted == 1
     assert store_bytes(mirror) == 0
 
@@ -117,23 +121,47 @@ async def test_blob_larger_than_the_budget_streams_through_uncached(
     make_mirror: MirrorFactory,
 ) -> None:
     upstream = FakeRegistry()
-    data = blob(30, 12 * 1024 * KiB)  # beyond the 8 MiB memory window
+    size = 80 * 1024 * KiB  # well past the download's memory window
+    data = blob(30, size)
     digest = upstream.add_blob(data)
     mirror = await make_mirror(upstream, cache_max_size="1MiB")
-    for _ in range(2):
-        resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
-        assert resp.status == 200
-        received = b""
-        while chunk := await resp.content.read(256 * KiB):
-            received += chunk
-            await asyncio.sleep(0)  # a reader slower than upstream
-        assert sha256(received) == digest
+    fetched = 'mirror_upstream_bytes_total{kind="blob",registry="docker.io"}'
+
+    # A reader that stops after 1 MiB: uncached, the download is paced by
+    # it, so upstream stops being read once the window is full.
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert resp.status == 200
+    received = bytearray(await resp.content.readexactly(1024 * KiB))
+    plateau = await steady_metric(mirror, fetched)
+    assert WINDOW <= plateau <= len(received) + WINDOW + 16 * 1024 * KiB
+    while chunk := await resp.content.read(1024 * KiB):
+        received += chunk
+    assert len(received) == size
+    assert sha256(bytes(received)) == digest
+
+    # Another pull downloads it again: nothing was kept.
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert sha256(await resp.read()) == digest
     assert upstream.count("blob", "GET") == 2
     assert store_bytes(mirror) == 0
     await mirror.settle()
     assert not any(mirror.config.cache.dir.glob("tmp/*"))
     too_large = 'mirror_uncached_downloads_total{reason="too_large"}'
     assert await metric(mirror, too_large) == 2
+
+
+async def steady_metric(mirror: Mirror, name: str) -> float:
+    """The metric's value once it stopped changing for 0.3 s (bounded)."""
+    last, steady_since = -1.0, asyncio.get_running_loop().time()
+    for _ in range(200):
+        value = await metric(mirror, name)
+        now = asyncio.get_running_loop().time()
+        if value != last:
+            last, steady_since = value, now
+        elif now - steady_since >= 0.3:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{name} never settled (last {last})")
 
 
 async def test_evicted_blob_of_a_cached_manifest_is_fetched_again(
@@ -180,3 +208,30 @@ async def test_stalled_client_does_not_stall_others_on_an_uncached_blob(
     assert upstream.count("blob", "GET") == 1
     with pytest.raises(aiohttp.ClientPayloadError):
         await stalled_resp.read()
+
+
+async def test_eviction_keeps_min_free_on_the_disk_within_the_budget(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = FakeRegistry()
+    digests = [upstream.add_blob(blob(50 + i, 200 * KiB)) for i in range(4)]
+    mirror = await make_mirror(upstream, cache_max_size="1GiB", cache_min_free="1MiB")
+    evictor = mirror.client.app[EVICTOR]
+    for digest in digests:
+        mirror.clock.advance(10)
+        await get(mirror, digest)
+    assert (await evictor.evict()).evicted == 0  # far within the budget
+
+    # The disk fills up from elsewhere: 300 KiB short of min_free.
+    real = shutil.disk_usage
+
+    def short_of_space(path: object) -> object:
+        usage = real(path)  # type: ignore[arg-type]
+        return type(usage)(usage.total, usage.total - 700 * KiB, 700 * KiB)
+
+    monkeypatch.setattr(shutil, "disk_usage", short_of_space)
+    result = await evictor.evict()
+    # The two least recently used blobs make the 300 KiB.
+    assert (result.evicted, result.freed) == (2, 400 * KiB)
+    cached = {p.name for p in mirror.config.cache.dir.glob("blobs/*/*/*")}
+    assert cached == {d[7:] for d in digests[2:]}
