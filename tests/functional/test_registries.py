@@ -611,14 +611,17 @@ async def test_referrers_are_relayed_and_cached_for_the_tag_ttl(
     resp = await mirror.client.get(path)
     assert resp.status == 200
     assert resp.content_type == "application/vnd.oci.image.index.v1+json"
+    assert "X-Mirror-Stale" not in resp.headers
     assert referrer_digests(await resp.read()) == [signature]
     assert v2_paths(ghcr) == [f"/v2/owner/app/referrers/{image.digest}"]
 
     sbom = ghcr.push_referrer("owner/app", image, SBOM, b"sbom")
+    mirror.clock.advance(59)
     resp = await mirror.client.get(path)
     assert referrer_digests(await resp.read()) == [signature]  # cached
+    assert "X-Mirror-Stale" not in resp.headers
     assert ghcr.count("other") == 1
-    mirror.clock.advance(61)
+    mirror.clock.advance(1)  # exactly the TTL: asked again
     resp = await mirror.client.get(path)
     assert sorted(referrer_digests(await resp.read())) == sorted([signature, sbom])
     assert ghcr.count("other") == 2
@@ -626,6 +629,32 @@ async def test_referrers_are_relayed_and_cached_for_the_tag_ttl(
     labels = 'kind="referrers",registry="ghcr.io"'
     assert values[f'mirror_cache_requests_total{{{labels},result="hit"}}'] == 1
     assert values[f'mirror_cache_requests_total{{{labels},result="miss"}}'] == 2
+
+
+async def test_a_paginated_referrers_query_is_relayed_not_cached(
+    make_mirror: MirrorFactory,
+) -> None:
+    mirror = await three(make_mirror, registry_ghcr_io_tag_ttl="1h")
+    ghcr = mirror.registries[GHCR]
+    image = ghcr.push_image("owner/app", "1", [b"p" * 100])
+    signature = ghcr.push_referrer("owner/app", image, SIGNATURE)
+    path = f"/v2/ghcr.io/owner/app/referrers/{image.digest}"
+    for _ in range(2):
+        resp = await mirror.client.get(path, params={"n": "1", "last": "x"})
+        assert resp.status == 200
+        assert resp.content_type == "application/vnd.oci.image.index.v1+json"
+        assert referrer_digests(await resp.read()) == [signature]
+    asked = ghcr.requests("other")
+    assert [r.path for r in asked] == [f"/v2/owner/app/referrers/{image.digest}"] * 2
+    assert [parse_qs(r.query) for r in asked] == [{"n": ["1"], "last": ["x"]}] * 2
+    values = await samples(mirror)
+    labels = 'kind="referrers",registry="ghcr.io"'
+    assert values[f'mirror_cache_requests_total{{{labels},result="miss"}}'] == 2
+
+    ghcr.referrers_api = False  # a registry without the API: its 404 passes
+    resp = await mirror.client.get(path, params={"n": "1"})
+    assert resp.status == 404
+    assert (await error(resp))["code"] == "NOT_FOUND"
 
 
 async def test_referrers_filtered_by_artifact_type_are_cached_apart(
@@ -702,6 +731,9 @@ async def test_referrers_are_served_stale_within_max_stale_when_upstream_fails(
     assert resp.status == 200
     assert resp.headers["X-Mirror-Stale"] == "1"
     assert referrer_digests(await resp.read()) == [signature]
+    values = await samples(mirror)
+    labels = 'kind="referrers",registry="ghcr.io"'
+    assert values[f'mirror_cache_requests_total{{{labels},result="stale"}}'] == 1
     mirror.clock.advance(3600)
     resp = await mirror.client.get(path)
     assert resp.status == 503

@@ -125,7 +125,7 @@ async def test_verify_finds_bit_rot_that_reconcile_cannot_see(store: Store) -> N
     assert (await reconcile(store.metadata, store.blobs, NOW)).removed == []
     calls: list[tuple[int, int, int, int]] = []
     report = await verify(store.metadata, store.blobs, lambda *args: calls.append(args))
-    assert report.removed == [str(digest)]
+    assert (report.checked, report.removed) == (1, [str(digest)])
     assert not path.exists()
     assert await store.rows() == {}
     assert calls == [(1, 1, 1000, 1000)]
