@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -413,3 +414,25 @@ async def test_shutdown_waits_for_a_verified_download_to_commit(
         assert await metadata.all_blobs() == {digest: len(data)}
     finally:
         await metadata.close()
+
+
+async def test_a_full_database_costs_the_cache_entry_not_the_client(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = FakeRegistry()
+    data = layer(62, 400_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+
+    async def database_full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(MetadataStore, "add_blob", database_full)
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    assert await resp.read() == data
+    await mirror.settle()
+    # No file without its row: the blob is not left in the store.
+    assert not any(mirror.config.cache.dir.glob("blobs/sha256/*/*"))
+    samples = parse_samples(await (await mirror.client.get("/metrics")).text())
+    assert samples['mirror_uncached_downloads_total{reason="disk_full"}'] == 1
+    assert samples.get('mirror_uncached_downloads_total{reason="store_error"}', 0) == 0

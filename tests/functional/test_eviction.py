@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import shutil
 
 import aiohttp
 import pytest
 
+from mirror import download
 from mirror.app import CACHE, EVICTOR
 from mirror.download import WINDOW
 from tests.conftest import Mirror, MirrorFactory
@@ -60,6 +63,8 @@ async def test_pulling_past_the_budget_evicts_least_recently_used(
         assert store_bytes(mirror) <= 1024 * KiB
 
     assert store_bytes(mirror) <= 1024 * KiB
+    # Evicted files are unlinked, not left where eviction moved them.
+    assert not any(mirror.config.cache.dir.glob("tmp/*"))
     assert await metric(mirror, "mirror_evictions_total") > 0
     assert await metric(mirror, "mirror_cache_size_bytes") == store_bytes(mirror)
     # The newest blob survived; the oldest untouched one was evicted and
@@ -235,3 +240,52 @@ async def test_eviction_keeps_min_free_on_the_disk_within_the_budget(
     assert (result.evicted, result.freed) == (2, 400 * KiB)
     cached = {p.name for p in mirror.config.cache.dir.glob("blobs/*/*/*")}
     assert cached == {d[7:] for d in digests[2:]}
+
+
+async def test_a_stalled_reader_of_an_uncached_blob_is_dropped_and_others_go_on(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = FakeRegistry()
+    size = 80 * 1024 * KiB  # well past the download's memory window
+    data = blob(31, size)
+    digest = upstream.add_blob(data)
+    upstream.gate = asyncio.Event()  # both readers attach before bytes flow
+    mirror = await make_mirror(upstream, upstream_read_timeout="1s")
+
+    write = download._write_all
+    full = asyncio.Event()
+
+    def filling_up(fd: int | None, chunk: bytes) -> None:
+        if full.is_set():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(fd, chunk)
+
+    monkeypatch.setattr(download, "_write_all", filling_up)
+    url = f"/v2/library/x/blobs/{digest}"
+    stalled = await mirror.client.get(url)
+    reading = await mirror.client.get(url)
+    assert (stalled.headers["X-Mirror-Cache"], reading.headers["X-Mirror-Cache"]) == (
+        "miss",
+        "joined",
+    )
+    # The disk fills up: the download goes on uncached, paced by its readers.
+    full.set()
+    upstream.gate.set()
+    received = bytearray(await stalled.content.readexactly(1024 * KiB))
+
+    # The other reader is held back by the window until, upstream.read_timeout
+    # later, the stalled one is given up on; then it reads to the end.
+    whole = bytearray()
+    async with asyncio.timeout(30):  # not held back for good
+        while chunk := await reading.content.read(1024 * KiB):
+            whole += chunk
+    assert sha256(bytes(whole)) == digest
+
+    async def read_rest() -> None:
+        while chunk := await stalled.content.read(1024 * KiB):
+            received.extend(chunk)
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_rest()  # cut short: it was dropped
+    assert len(received) < size
+    assert upstream.count("blob", "GET") == 1

@@ -280,3 +280,20 @@ async def test_a_revalidated_tag_is_fresh_for_another_ttl(
     mirror.clock.advance(2)  # and expired again
     await get_tag(mirror)
     assert upstream.count("manifest", "HEAD") == 2
+
+
+async def test_a_stale_tag_is_served_up_to_max_stale_and_not_after(
+    make_mirror: MirrorFactory,
+) -> None:
+    mirror, upstream = await with_image(
+        make_mirror, cache_tag_ttl="1m", cache_max_stale="1h", upstream_retries="1"
+    )
+    _, body, _ = await get_tag(mirror)
+    mirror.clock.advance(3600)  # exactly max_stale since upstream confirmed it
+    upstream.fail_statuses = [503] * 10
+    status, stale_body, headers = await get_tag(mirror)
+    assert (status, stale_body, headers["X-Mirror-Cache"]) == (200, body, "stale")
+    mirror.clock.advance(1)
+    upstream.fail_statuses = [503] * 10
+    status, _, _ = await get_tag(mirror)
+    assert status == 503

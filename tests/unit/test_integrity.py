@@ -129,3 +129,23 @@ async def test_verify_finds_bit_rot_that_reconcile_cannot_see(store: Store) -> N
     assert not path.exists()
     assert await store.rows() == {}
     assert calls == [(1, 1, 1000, 1000)]
+
+
+async def test_adopted_files_are_counted_and_dated_now(store: Store) -> None:
+    first = store.plant(b"first orphan")
+    second = store.plant(b"second orphan")
+    report = await reconcile(store.metadata, store.blobs, NOW)
+    assert (report.checked, report.adopted) == (2, 2)
+    async with store.metadata.db.execute(
+        "SELECT digest, created, last_access FROM blobs ORDER BY digest"
+    ) as cursor:
+        rows = sorted(await cursor.fetchall())
+    assert rows == sorted([(str(first), NOW, NOW), (str(second), NOW, NOW)])
+
+
+async def test_verify_counts_every_file_it_hashes(store: Store) -> None:
+    for n in range(3):
+        digest = store.plant(b"blob %d" % n)
+        await store.metadata.add_blob(str(digest), len(b"blob 0"), NOW)
+    report = await verify(store.metadata, store.blobs)
+    assert (report.checked, report.removed) == (3, [])

@@ -631,3 +631,15 @@ async def test_close_flushes_pending_access(db_path: Path) -> None:
     meta.touch_blob(DIGEST_A, T0 + 42)
     await meta.close()
     assert _last_access(db_path, "blobs", DIGEST_A) == T0 + 42
+
+
+async def test_deleting_a_blob_keeps_the_other_blobs_pending_access_times(
+    store: MetadataStore,
+) -> None:
+    for n, digest in enumerate(("sha256:a", "sha256:b", "sha256:c"), start=1):
+        await store.add_blob(digest, 10, float(n))
+    store.touch_blob("sha256:a", 20.0)
+    store.touch_blob("sha256:b", 10.0)  # b is now the more recently used
+    await store.delete_blobs(["sha256:a"])
+    # a's pending access is dropped with it, b's is kept.
+    assert await store.least_recently_used(3) == [("sha256:c", 10), ("sha256:b", 10)]
