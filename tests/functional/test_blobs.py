@@ -260,6 +260,29 @@ async def test_head_blob_answers_size_without_downloading(
     assert resp.status == 404
 
 
+async def test_head_of_a_cached_or_downloading_blob_asks_upstream_nothing(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    cached, downloading = layer(11, 20000), layer(12, 300_000)
+    cached_digest = upstream.add_blob(cached)
+    downloading_digest = upstream.add_blob(downloading)
+    mirror = await make_mirror(upstream)
+    assert await (
+        await mirror.client.get(f"/v2/library/x/blobs/{cached_digest}")
+    ).read()
+    await mirror.settle()
+    upstream.gate = asyncio.Event()  # the next download holds after a chunk
+    pulling = await mirror.client.get(f"/v2/library/x/blobs/{downloading_digest}")
+    before = len(upstream.log)
+    for digest, data in ((cached_digest, cached), (downloading_digest, downloading)):
+        resp = await mirror.client.head(f"/v2/library/x/blobs/{digest}")
+        assert (resp.status, resp.headers["Content-Length"]) == (200, str(len(data)))
+    assert upstream.log[before:] == []
+    upstream.gate.set()
+    assert await pulling.read() == downloading
+
+
 @pytest.mark.parametrize(
     ("status", "code"),
     [(404, "BLOB_UNKNOWN"), (503, "UNAVAILABLE"), (500, "UNAVAILABLE")],
