@@ -4,12 +4,16 @@ This module owns ``run_wrk``: one ``wrk`` run against one URL with a fixed
 number of threads and connections, and a small Lua ``done`` hook that prints
 wrk's summary as one JSON line, so no human-oriented output ("1.23MB") is
 parsed. wrk is C and cheap per request, so on a two-core machine it takes
-less of the CPU away from the server than a Python client would.
+less of the CPU away from the server than a Python client would. Given
+``paths``, each thread's requests go round those paths instead (a Lua
+``request`` hook), for a load spread over many keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,34 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99), latency.max))
 end
 """
+
+
+# A Lua state per wrk thread: each thread walks the list on its own.
+ROTATE_LUA = """\
+local paths = {%s}
+local turn = 0
+request = function()
+  turn = turn + 1
+  return wrk.format(nil, paths[turn %% #paths + 1])
+end
+"""
+
+
+def lua_string(value: str) -> str:
+    """``value`` as a Lua string literal (paths: no quote or backslash)."""
+    if any(char in value for char in '"\\\n'):
+        raise ValueError(f"not a plain path: {value!r}")
+    return f'"{value}"'
+
+
+def rotating_script(workdir: Path, paths: Sequence[str]) -> Path:
+    """The Lua script: the JSON report, plus the rotation over ``paths``."""
+    text = REPORT_LUA + ROTATE_LUA % ", ".join(lua_string(path) for path in paths)
+    name = hashlib.sha256(text.encode()).hexdigest()[:12]
+    script = workdir / f"wrk-{name}.lua"
+    if not script.exists():
+        script.write_text(text)
+    return script
 
 
 class WrkError(Exception):
@@ -97,10 +129,17 @@ async def run_wrk(
     connections: int,
     threads: int = 2,
     headers: dict[str, str] | None = None,
+    paths: Sequence[str] | None = None,
 ) -> WrkResult:
-    """Load ``url`` for ``seconds`` with ``connections`` keep-alive connections."""
+    """Load ``url`` for ``seconds`` with ``connections`` keep-alive connections.
+
+    With ``paths``, the requests go round them on ``url``'s host instead of
+    all asking for ``url``'s own path.
+    """
     script = workdir / "wrk-report.lua"
-    if not script.exists():
+    if paths:
+        script = rotating_script(workdir, paths)
+    elif not script.exists():
         script.write_text(REPORT_LUA)
     header_args = [
         arg

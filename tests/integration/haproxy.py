@@ -149,6 +149,11 @@ class HaproxyProcess:
     stats_port: int = 0
     process: ManagedProcess | None = None
     config_path: Path = field(init=False)
+    # The shipped file rendered (its binds and server lines replaced), and
+    # lines added to its sections: a variant under test.
+    source: Path = SHIPPED_CONFIG
+    globals_: Sequence[str] = ()
+    defaults: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.config_path = self.workdir / "haproxy.cfg"
@@ -174,7 +179,10 @@ class HaproxyProcess:
         stats page. Retries on fresh ports if it exits (a port taken in the
         meantime); raises ProcessDied or TimeoutError with its log."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        shipped = SHIPPED_CONFIG.read_text()
+        shipped = self.source.read_text()
+        for section, lines in (("global", self.globals_), ("defaults", self.defaults)):
+            extra = "".join(f"    {line}\n" for line in lines)
+            shipped = shipped.replace(f"\n{section}\n", f"\n{section}\n{extra}", 1)
         for attempt in range(attempts):
             self.port, self.stats_port = free_port(), free_port()
             self.config_path.write_text(
@@ -193,14 +201,18 @@ class HaproxyProcess:
             self.process.start()
             try:
                 self.process.wait_ready(
-                    lambda: http_status(self.stats_url) == 200,
-                    timeout=timeout,
-                    what="the stats page answered",
+                    self.ready, timeout=timeout, what=self.waits_for
                 )
                 return
             except ProcessDied:
                 if attempt + 1 == attempts:
                     raise
+
+    waits_for = "the stats page answered"
+
+    def ready(self) -> bool:
+        """Whether a started haproxy is up (see `waits_for`)."""
+        return http_status(self.stats_url) == 200
 
     def stop(self) -> None:
         if self.process is not None:
