@@ -116,20 +116,7 @@ def launch(
     for attempt in range(attempts):
         port = free_port()
         config_path.write_text(render(port))
-        process = ManagedProcess(
-            name="mirror",
-            argv=[
-                sys.executable,
-                "-m",
-                "mirror",
-                "serve",
-                "--config",
-                str(config_path),
-            ],
-            log_path=log_path,
-            cwd=REPO_ROOT,
-            env=mirror_environment(),
-        )
+        process = serve_process(config_path, log_path)
         process.start()
         base = f"{scheme}://127.0.0.1:{port}/v2/"
         try:
@@ -143,6 +130,17 @@ def launch(
             if attempt + 1 == attempts:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def serve_process(config_path: Path, log_path: Path) -> ManagedProcess:
+    """``python -m mirror serve --config config_path``, not started yet."""
+    return ManagedProcess(
+        name="mirror",
+        argv=[sys.executable, "-m", "mirror", "serve", "--config", str(config_path)],
+        log_path=log_path,
+        cwd=REPO_ROOT,
+        env=mirror_environment(),
+    )
 
 
 def _answers(url: str, status: int, context: ssl.SSLContext | None = None) -> bool:
@@ -240,6 +238,20 @@ class MirrorProcess:
             ca_file=None if self.tls is None else self.tls.ca_file,
             client_cert=self.client_cert,
             ready_status=self.ready_status,
+        )
+
+    def restart(self, *, timeout: float = 30.0) -> None:
+        """Start the mirror again from its config file, after it stopped or
+        was killed: same port, same cache dir. Waits like start()."""
+        scheme = "http" if self.tls is None else "https"
+        context = None if self.tls is None else self.client_context()
+        base = f"{scheme}://127.0.0.1:{self.port}/v2/"
+        self.process = serve_process(self.config_path, self.log_path)
+        self.process.start()
+        self.process.wait_ready(
+            functools.partial(_answers, base, self.ready_status, context),
+            timeout=timeout,
+            what=f"GET {base} returned {self.ready_status} after the restart",
         )
 
     def stop(self, *, timeout: float = 10.0) -> int | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,9 +37,9 @@ from tests.fakes.network import Link
 from .cache_dir import CacheDir
 from .conftest import Published, Publisher, start_or_fail, unique, watch_log
 from .haproxy import HAPROXY_PATH, HaproxyProcess, Routed, Server
-from .mirror_process import REPO_ROOT, MirrorProcess, mirror_environment
+from .mirror_process import MirrorProcess
 from .test_lifecycle import samples
-from .tools import ManagedProcess, http_status, require_tool
+from .tools import require_tool
 from .upstream import Upstream
 
 KiB = 1024
@@ -102,29 +101,9 @@ class Node:
         popen.wait(timeout=10)
 
     def restart(self, *, timeout: float = 30.0) -> None:
-        """Start the node again from its config file: same port, same cache
-        dir, so HAProxy's server line finds it where it was."""
-        process = ManagedProcess(
-            name="mirror",
-            argv=[
-                sys.executable,
-                "-m",
-                "mirror",
-                "serve",
-                "--config",
-                str(self.mirror.config_path),
-            ],
-            log_path=self.mirror.log_path,
-            cwd=REPO_ROOT,
-            env=mirror_environment(),
-        )
-        process.start()
-        self.mirror.process = process
-        process.wait_ready(
-            lambda: http_status(f"{self.mirror.url}/v2/") == 200,
-            timeout=timeout,
-            what="GET /v2/ returned 200 after the restart",
-        )
+        """Start the node again: same port, same cache dir, so HAProxy's
+        server line finds it where it was."""
+        self.mirror.restart(timeout=timeout)
 
 
 @dataclass
