@@ -4,10 +4,11 @@ The fetch task hashes upstream bytes as they arrive and keeps them in a
 bounded memory window; a writer task appends them to a temp file behind it,
 so clients get bytes at network speed even when the disk is slower. Every
 reader (a client response) starts at its own offset — byte 0 for one that
-joins late — and reads what is on disk with `pread` from a shared read-only
-fd, then what is still only in memory, then follows live. The fd stays valid
-when the file is renamed into the store or unlinked, so readers never race
-the commit.
+joins late — and gets what is already on disk as a `FileSpan` of a shared
+read-only file, which the HTTP layer sends with `sendfile` (no byte through
+Python; over TLS, or when asked, it is read with `pread` instead), then what
+is still only in memory, then follows live. The file stays valid when it is
+renamed into the store or unlinked, so readers never race the commit.
 
 Guarantees:
 
@@ -51,6 +52,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,12 @@ log = logging.getLogger(__name__)
 
 # Upper bound of one read for one client, and of one batch from upstream.
 READ_CHUNK = 1024 * 1024
+# Upper bound of one piece from memory to one client: what the socket does
+# not take at once is copied into the connection's buffer, so this bounds
+# that copy per client.
+SEND_CHUNK = 256 * 1024
+# Upper bound of one FileSpan (the handler sends it in pieces of its own).
+SPAN_LIMIT = 64 * 1024 * 1024
 # Bytes one download may hold in memory ahead of its disk writes (or, when
 # uncached, of its slowest reader).
 WINDOW = 32 * 1024 * 1024
@@ -129,6 +137,24 @@ class DownloadContext:
     clock: Callable[[], float] = time.time
 
 
+@dataclass(frozen=True)
+class FileSpan:
+    """`count` bytes of a download at `offset` of its temp file, verified
+    or not yet (the last byte is never in a span before verification), to be
+    sent with `sendfile`. The file is shared: use explicit offsets, never
+    its position."""
+
+    file: FileIO
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+Chunk = bytes | memoryview | FileSpan
+
+
 class BlobDownload:
     """Create, `start()`, `acquire()` per reader; see the module docstring."""
 
@@ -158,7 +184,7 @@ class BlobDownload:
         self._started = asyncio.Event()
         self._changed = asyncio.Event()  # set on new bytes or a new state
         self._drained = asyncio.Event()  # set when the window shrank
-        self._fd: int | None = None  # read-only, shared by readers
+        self._file: FileIO | None = None  # read-only, shared by readers
         self._write_fd: int | None = None
         self._refs = 1  # the fetch task's own reference
         # [offset, bytes) batches not on disk (or, uncached, not yet read by all).
@@ -204,9 +230,9 @@ class BlobDownload:
 
     def release(self) -> None:
         self._refs -= 1
-        if self._refs == 0 and self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._refs == 0 and self._file is not None:
+            self._file.close()
+            self._file = None
 
     async def wait_started(self) -> None:
         """Wait until a first byte may be sent, or the blob is complete.
@@ -242,8 +268,8 @@ class BlobDownload:
         return max(0, self.received - 1)
 
     async def _stream(
-        self, reader: int, start: int, end: int | None
-    ) -> AsyncIterator[bytes | memoryview]:
+        self, reader: int, start: int, end: int | None, spans: bool
+    ) -> AsyncIterator[Chunk]:
         """See Reader.stream."""
         offset = start
         if reader in self._readers:
@@ -253,7 +279,13 @@ class BlobDownload:
                 raise UpstreamUnavailable("client too slow for an uncached blob")
             limit = self._readable() if end is None else min(end, self._readable())
             if offset < limit:
-                data = await self._read(offset, min(limit - offset, READ_CHUNK))
+                data: Chunk | None = self._in_memory(
+                    offset, min(limit - offset, SEND_CHUNK)
+                )
+                if data is None and spans:
+                    data = self._span(offset, limit)
+                if data is None:
+                    data = await self._pread(offset, min(limit - offset, READ_CHUNK))
                 offset += len(data)
                 if reader in self._readers:  # not dropped meanwhile
                     self._readers[reader] = offset
@@ -269,11 +301,12 @@ class BlobDownload:
                 raise self.error
             await self._changed.wait()
 
-    async def _read(self, offset: int, length: int) -> bytes | memoryview:
-        """Up to `length` bytes at `offset`: from memory if there, else disk.
+    def _in_memory(self, offset: int, length: int) -> bytes | memoryview | None:
+        """Up to `length` bytes at `offset` if the window holds them.
 
         Memory is checked first and in the same event-loop step as the disk
-        bound, so a batch the writer drops meanwhile is always on disk.
+        bound (`_span`, `_pread`), so a batch the writer drops meanwhile is
+        always on disk.
         """
         for start, data in reversed(self._memory):  # readers are mostly near the end
             if start <= offset < start + len(data):
@@ -281,14 +314,29 @@ class BlobDownload:
                 if at == 0 and length >= len(data):
                     return data  # the whole batch: no copy
                 return memoryview(data)[at : at + length]
+        return None
+
+    def _on_disk(self, offset: int) -> FileIO:
+        """The file to read `offset` from; it is there, not in memory."""
         if offset >= self.on_disk:
             # Only for a reader the uncached window was trimmed past, which
             # the reader-paced trimming prevents for attached readers.
             raise UpstreamUnavailable("reader fell behind an uncached download")
-        if self._fd is None:
+        if self._file is None:
             raise UpstreamUnavailable("download lost its file")
+        return self._file
+
+    def _span(self, offset: int, limit: int) -> FileSpan:
+        """What of [offset, limit) is on disk, as one span."""
+        file = self._on_disk(offset)
+        count = min(limit, self.on_disk, offset + SPAN_LIMIT) - offset
+        return FileSpan(file, offset, count)
+
+    async def _pread(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`, read from disk."""
+        file = self._on_disk(offset)
         length = min(length, self.on_disk - offset)
-        return await asyncio.to_thread(os.pread, self._fd, length, offset)
+        return await asyncio.to_thread(os.pread, file.fileno(), length, offset)
 
     # --- the fetch task -----------------------------------------------------------
 
@@ -331,7 +379,7 @@ class BlobDownload:
             self._write_fd = await asyncio.to_thread(
                 os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
             )
-            self._fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
+            self._file = await asyncio.to_thread(FileIO, temp, "rb")
             self._writer = asyncio.create_task(self._write_behind(temp))
             hasher = self.digest.hasher()
             await self._fetch_resuming(hasher, temp)
@@ -645,18 +693,19 @@ class Reader:
         return self.download.digest
 
     def stream(
-        self, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes | memoryview]:
+        self, start: int = 0, end: int | None = None, *, spans: bool = False
+    ) -> AsyncIterator[Chunk]:
         """Bytes from `start` as they become available.
 
         With `end` (exclusive) this is a range, sent as soon as its bytes are
         in. Without it, the stream runs to the end of the blob and ends only
-        after the digest was verified.
+        after the digest was verified. With `spans`, bytes already on disk
+        come as FileSpans for sendfile rather than read into memory.
 
         Raises the download's error (UpstreamError, DigestMismatch, ...) if it
         fails before the stream is complete.
         """
-        return self.download._stream(self._id, start, end)
+        return self.download._stream(self._id, start, end, spans)
 
     def close(self) -> None:
         if not self._closed:

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mirror import outcome
 from mirror.api.errors import API_VERSION_HEADER
 from mirror.api.routing import Router
-from mirror.download import Reader
+from mirror.download import FileSpan, Reader
 from mirror.errors import (
     MirrorError,
     Overloaded,
@@ -135,8 +135,10 @@ class RegistryHandlers:
             await self._sendfile(request, file, start, end)
             self.metrics.served_bytes.labels("cache").inc(end - start)
             await response.write_eof()
-        except (ConnectionError, TimeoutError):
-            pass  # _sendfile logged and cut it; the client is gone
+        except TimeoutError:
+            self._stalled(request, "cached blob")
+        except ConnectionError:
+            pass  # the client is gone
         finally:
             file.close()
         return response
@@ -146,8 +148,8 @@ class RegistryHandlers:
     ) -> None:
         """sendfile [start, end) in pieces sized to the client's pace.
 
-        Raises ConnectionError (client gone) or TimeoutError (client stalled;
-        the connection is aborted).
+        Raises ConnectionError (client gone) or TimeoutError (a piece took
+        send_timeout: the client stalled).
         """
         loop = asyncio.get_running_loop()
         offset, piece = start, _MIN_PIECE
@@ -157,12 +159,8 @@ class RegistryHandlers:
                 raise ConnectionResetError("client left")
             count = min(piece, end - offset)
             began = loop.time()
-            try:
-                async with asyncio.timeout(self.send_timeout):
-                    sent = await loop.sendfile(transport, file, offset, count)
-            except TimeoutError:
-                self._stalled(request, "cached blob")
-                raise
+            async with asyncio.timeout(self.send_timeout):
+                sent = await loop.sendfile(transport, file, offset, count)
             done = outcome.current()
             if done is not None:
                 done.sent += sent
@@ -196,13 +194,20 @@ class RegistryHandlers:
         # Without a range: the whole blob, complete only once verified.
         start, end = requested or (0, None)
         served = self.metrics.served_bytes.labels("upstream")
+        # What is already on disk goes out with sendfile, unless the body is
+        # chunked (unknown size) or TLS-encrypted, which sendfile cannot do.
+        spans = size is not None and not _is_tls(request)
         try:
             # Inside the try: a client that reset while we waited for the
             # first byte makes prepare() raise ConnectionResetError.
             await response.prepare(request)
-            async for chunk in download.stream(start, end):
-                async with asyncio.timeout(self.send_timeout):
-                    await response.write(chunk)
+            async for chunk in download.stream(start, end, spans=spans):
+                if isinstance(chunk, FileSpan):
+                    at = chunk.offset
+                    await self._sendfile(request, chunk.file, at, at + chunk.count)
+                else:
+                    async with asyncio.timeout(self.send_timeout):
+                        await response.write(chunk)
                 served.inc(len(chunk))
         except MirrorError as exc:
             # Headers are gone; the only honest signal left is to cut the
@@ -280,6 +285,11 @@ class RegistryHandlers:
             "this mirror is read-only: the operation is unsupported",
             {"method": request.method},
         )
+
+
+def _is_tls(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is not None
 
 
 def _manifest_headers(manifest: Manifest) -> dict[str, str]:

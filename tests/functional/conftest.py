@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -164,3 +165,33 @@ async def stop_serving(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         error = task.exception()
         pytest.fail(f"serve() ended with {error!r} instead of being cancelled")
+
+
+# --- watching a download -------------------------------------------------------
+
+
+async def prefix_on_disk(mirror_dir: Path, size: int) -> None:
+    """Wait until the one download's temp file holds `size` bytes, and a
+    little longer, for the writer to drop them from memory."""
+    for _ in range(1000):
+        if sum(f.stat().st_size for f in (mirror_dir / "tmp").glob("*")) >= size:
+            await asyncio.sleep(0.05)
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"the temp file never reached {size} bytes")
+
+
+def record_sendfile(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(offset, count) of every loop.sendfile from now on."""
+    loop = asyncio.get_running_loop()
+    real = loop.sendfile
+    calls: list[tuple[int, int]] = []
+
+    async def sendfile(
+        transport: Any, file: Any, offset: int = 0, count: Any = None
+    ) -> int:
+        calls.append((offset, count))
+        return await real(transport, file, offset, count)
+
+    monkeypatch.setattr(loop, "sendfile", sendfile)
+    return calls

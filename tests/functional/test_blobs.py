@@ -17,7 +17,8 @@ import pytest
 from mirror.cache.blobs import BlobStore
 from mirror.cache.metadata import DATABASE_NAME, MetadataStore
 from tests.conftest import MirrorFactory
-from tests.fakes.registry import OCI_MANIFEST, FakeRegistry, sha256
+from tests.fakes.registry import CHUNK, OCI_MANIFEST, FakeRegistry, sha256
+from tests.functional.conftest import prefix_on_disk, record_sendfile
 from tests.promtext import parse_samples
 
 
@@ -204,6 +205,34 @@ async def test_late_joiner_gets_the_whole_blob_from_the_start(
     upstream.gate.set()
     assert head_of_first + await first.read() == data
     assert await late.read() == data
+    assert upstream.count("blob", "GET") == 1
+
+
+async def test_joiner_gets_what_is_on_disk_by_sendfile_then_the_rest_live(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    data = layer(12, 3_000_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+    calls = record_sendfile(monkeypatch)
+
+    first = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    head_of_first = await first.content.readany()
+    await prefix_on_disk(mirror.config.cache.dir, CHUNK)  # upstream's first chunk
+    late = await mirror.client.get(f"/v2/library/y/blobs/{digest}")
+    ranged = await mirror.client.get(
+        f"/v2/library/y/blobs/{digest}", headers={"Range": "bytes=1000-"}
+    )
+    late_head = await late.content.readexactly(CHUNK)
+    upstream.gate.set()
+    assert head_of_first + await first.read() == data
+    assert late_head + await late.read() == data
+    assert await ranged.read() == data[1000:]
+    # The joiners' prefixes went by sendfile from the temp file; the live
+    # part, and all of the first client's, through memory.
+    assert sorted(calls) == [(0, CHUNK), (1000, CHUNK - 1000)]
     assert upstream.count("blob", "GET") == 1
 
 

@@ -20,9 +20,15 @@ import pytest
 
 from mirror.cli import reload_config
 from mirror.config import Config, ConfigError, load_config
-from tests.fakes.registry import FakeRegistry, sha256
+from tests.fakes.registry import CHUNK, FakeRegistry, sha256
 from tests.fakes.tls import CertificateAuthority, ServerCertificate, TlsFiles
-from tests.functional.conftest import REPOSITORY, Served, ServeFactory
+from tests.functional.conftest import (
+    REPOSITORY,
+    Served,
+    ServeFactory,
+    prefix_on_disk,
+    record_sendfile,
+)
 
 MiB = 1024 * 1024
 
@@ -329,3 +335,36 @@ async def test_a_certificate_file_may_carry_its_chain(
     await served.until("mirror_tls_reloads_total", 1, within=5, result="ok")
     with pytest.raises(ssl.SSLCertVerificationError):
         await peer_certificate(served, files.client_context())
+
+
+async def test_a_joiner_over_tls_gets_the_part_on_disk_without_sendfile(
+    start: ServeFactory,
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # sendfile cannot encrypt: over TLS, what a joiner finds on disk is read
+    # with pread and sent through the TLS transport instead.
+    files = write(ca.issue(), tmp_path / "tls")
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    data = os.urandom(2 * MiB)
+    digest = upstream.add_blob(data)
+    served = await start(upstream, **tls_settings(files))
+    calls = record_sendfile(monkeypatch)
+    url = f"{served.url}{served.blob_path(digest)}"
+    client = files.client_context()
+    async with aiohttp.ClientSession() as http:
+        first = await http.get(url, ssl=client)
+        head_of_first = await first.content.readany()
+        await prefix_on_disk(served.config.cache.dir, CHUNK)
+        late = await http.get(url, ssl=client)
+        late_head = await late.content.readexactly(CHUNK)
+        upstream.gate.set()
+        assert head_of_first + await first.read() == data
+        assert late_head + await late.read() == data
+        first.close()
+        late.close()
+    assert calls == []
+    assert sha256(data) == digest
+    assert upstream.count("blob", "GET") == 1
