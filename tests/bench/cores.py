@@ -31,8 +31,9 @@ owns the same number of them (what a fleet pulling many images looks like).
 During every load the CPU time of HAProxy and of the mirror processes is
 read from ``/proc/<pid>/stat``. Two variants of HAProxy's file are measured
 beside it, each a line added: ``option dontlog-normal`` (no log line per
-request that went well) on the manifest loads, and ``option
-splice-response`` (bodies moved with splice(2)) on the blob loads.
+request that went well) on the manifest loads, and ``no option
+splice-response`` (bodies through HAProxy's buffers rather than moved with
+splice(2), as the shipped file does) on the blob loads.
 
 Usage: ``python -m tests.bench.cores [--quick] [--only TEXT] [--out DIR]
 [--keep]``; writes ``cores.json`` and ``cores.txt`` to ``bench-results/``.
@@ -55,20 +56,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.conftest import Published
-from tests.integration.haproxy import (
-    HAPROXY_PATH,
-    HaproxyProcess,
-    Server,
-)
+from tests.integration.haproxy import HAPROXY_PATH, Server
 from tests.integration.tools import find_tool
 
 from . import pull, system
 from .run import FULL, QUICK, REPO_ROOT, TOOLS, Bench, Settings, find_tools, say
-from .targets import MirrorTarget
+from .targets import LocalHaproxy, MirrorTarget
 from .wrk import WrkResult, run_wrk
 
 MIB = 1 << 20
-LOCAL_WORKERS = REPO_ROOT / "deploy" / "haproxy" / "local-workers.cfg"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Repositories for the spread loads, each an image of one layer; those the
 # ring gives each process behind HAProxy are cut to the same number.
@@ -78,18 +74,15 @@ ONE = "1 process"
 VIA_2 = "2 via haproxy"
 SPLIT_2 = "2 direct, split"
 VIA_3 = "3 via haproxy"
-SPLICE_2 = "2 via haproxy, splice"
+SPLICE_2 = "2 via haproxy, no splice"
 QUIET_2 = "2 via haproxy, no log"
 WRK_ARMS = (ONE, VIA_2, QUIET_2, SPLIT_2)
 BLOB_ARMS = (ONE, VIA_2, SPLICE_2, SPLIT_2)
 HERD_ARMS = (ONE, VIA_2, SPLIT_2, VIA_3)
 ALL_ARMS = (ONE, VIA_2, QUIET_2, SPLICE_2, SPLIT_2, VIA_3)
-# A variant of the file for blobs only: HAProxy moves response bodies from
-# socket to socket with splice(2) instead of through its buffers. Each pipe
-# is two descriptors; the default (maxconn / 4 pipes) would need more than
-# this machine's hard limit of 20000 next to the 16k of maxconn 8000.
-SPLICE = ("option splice-response",)
-SPLICE_GLOBAL = ("maxpipes 1000",)
+# A variant of the file for blobs only: without the shipped `option
+# splice-response`, response bodies go through HAProxy's buffers.
+NO_SPLICE = ("no option splice-response",)
 # A variant for manifests: no log line per request that went well (the
 # shipped file logs every request, with its shard key).
 QUIET = ("option dontlog-normal",)
@@ -115,33 +108,6 @@ def cpu_seconds(pid: int) -> float:
     fields = stat.rpartition(")")[2].split()
     # Fields 14 and 15 of stat(5); the first after the name is field 3.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-@dataclass
-class LocalHaproxy(HaproxyProcess):
-    """HaproxyProcess, rendered from ``source`` (local-workers.cfg) instead of
-    the cluster's file; only binds and server lines change, as there. Ready
-    once every server is UP, so a measurement never starts on a cold ring."""
-
-    source: Path = LOCAL_WORKERS
-    waits_for = "every server UP"
-
-    def ready(self) -> bool:
-        return self._all_up()
-
-    def _all_up(self) -> bool:
-        try:
-            states = self.server_states()
-        except OSError:
-            return False
-        return len(states) == len(self.servers) and all(
-            state == "UP" for state in states.values()
-        )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
 
 
 @dataclass
@@ -299,7 +265,7 @@ class Cores:
         variants: list[tuple[str, int, Sequence[str], Sequence[str]]] = [
             ("2", 2, (), ()),
             ("3", 3, (), ()),
-            ("2-splice", 2, SPLICE, SPLICE_GLOBAL),
+            ("2-nosplice", 2, NO_SPLICE, ()),
             ("2-quiet", 2, QUIET, ()),
         ]
         for key, count, defaults, globals_ in variants:
@@ -333,9 +299,9 @@ class Cores:
             ),
             SPLICE_2: Arm(
                 SPLICE_2,
-                [self.haproxies["2-splice"].url],
+                [self.haproxies["2-nosplice"].url],
                 pids[:2],
-                self.haproxies["2-splice"].pid,
+                self.haproxies["2-nosplice"].pid,
             ),
         }
 

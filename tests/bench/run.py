@@ -1,4 +1,4 @@
-"""Run the benchmark: one upstream, three caches, seven scenarios, one report.
+"""Run the benchmark: one upstream, three caches, eight scenarios, one report.
 
 This module owns the run's order and settings. It starts the upstream (the
 distribution registry) and pushes generated images to it, starts mirror,
@@ -8,8 +8,14 @@ peak memory, stops everything it started and writes the report
 (``tests/bench/report.py``). Scenarios run target by target inside each
 scenario, so slow drift on a shared machine spreads over all targets.
 
-The client-auth scenario (issue 10) starts a second mirror with
-``auth.htpasswd`` and compares it with the first, auth off against auth on.
+The herd also runs against the cluster (issue 12): three mirror processes
+behind HAProxy (``HaproxyCluster``), started with the caches. The WAN
+scenario (issue 12) puts the upstream behind a latency and bandwidth proxy
+(``tests/bench/wanproxy.py``, a process of its own) and starts a second,
+empty instance of each cache pointed at it, for cold pulls and a herd;
+direct then pulls through the proxy too. The client-auth scenario (issue
+10) starts a second mirror with ``auth.htpasswd`` and compares it with the
+first, auth off against auth on.
 
 Usage: ``python -m tests.bench [--quick] [--profile] [--out DIR]``.
 """
@@ -22,11 +28,12 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,19 +49,23 @@ from tests.integration.upstream import RequestLog, Upstream
 from . import pull, report, system
 from .profile import Profiler
 from .report import AuthSide, ClientAuthResults, Herd, Load, TargetResults
+from .system import PeakRss
 from .targets import (
     AuthMirrorTarget,
+    Cache,
     Direct,
+    HaproxyCluster,
     MirrorTarget,
     NginxCache,
     ProxyRegistry,
     Target,
 )
+from .wanproxy import WAN_LATENCY, WAN_RATE, WanProxy
 from .wrk import WrkResult, run_wrk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
-TOOLS = ("docker-registry", "skopeo", "nginx", "wrk")
+TOOLS = ("docker-registry", "skopeo", "nginx", "wrk", "haproxy")
 CACHE_HEADERS = ("X-Mirror-Cache", "X-Cache-Status")
 
 
@@ -96,6 +107,14 @@ QUICK = dataclasses.replace(
 )
 
 
+def slug(name: str) -> str:
+    """A target's name as a repository path component ("mirror-3-via-haproxy")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+ColdPick = Callable[[TargetResults], list[float]]
+
+
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -107,7 +126,7 @@ def find_tools(names: Sequence[str]) -> dict[str, str]:
     if missing:
         raise SystemExit(
             f"bench: missing {', '.join(missing)}; install with "
-            "`apt-get install docker-registry skopeo nginx wrk` "
+            "`apt-get install docker-registry skopeo nginx wrk haproxy` "
             "(and `pip install py-spy` for --profile)"
         )
     return {name: path for name, path in found.items() if path is not None}
@@ -162,8 +181,9 @@ class Bench:
             binary=tools["docker-registry"], skopeo=skopeo, workdir=workdir / "upstream"
         )
         self.publisher = Publisher(self.upstream, workdir / "images")
-        self.caches: list[Target] = []
+        self.caches: list[Cache] = []
         self.direct = Direct(self.upstream)
+        self.cluster: HaproxyCluster | None = None
         self.results: dict[str, TargetResults] = {}
         self.client_auth: ClientAuthResults | None = None
         self.profiles: dict[str, Any] = {}
@@ -182,24 +202,54 @@ class Bench:
         self.upstream.start()
         self.stack.callback(self.upstream.stop)
 
+    def new_caches(self, url: str, port: int, root: Path) -> list[Cache]:
+        """mirror, distribution and nginx in front of ``url`` (the upstream,
+        or a proxy of it on ``port``), their files under ``root``; not started."""
+        return [
+            MirrorTarget(url, root / "mirror"),
+            ProxyRegistry(
+                binary=self.tools["docker-registry"],
+                upstream_url=url,
+                workdir=root / "dist",
+            ),
+            NginxCache(
+                binary=self.tools["nginx"],
+                upstream_port=port,
+                workdir=root / "nginx",
+            ),
+        ]
+
     def start_caches(self) -> None:
-        mirror = MirrorTarget(self.upstream.url, self.workdir / "mirror")
-        dist = ProxyRegistry(
-            binary=self.tools["docker-registry"],
-            upstream_url=self.upstream.url,
-            workdir=self.workdir / "dist",
-        )
-        nginx = NginxCache(
-            binary=self.tools["nginx"],
-            upstream_port=self.upstream.port,
-            workdir=self.workdir / "nginx",
-        )
-        for cache in (mirror, dist, nginx):
+        """The caches and the cluster, empty, in front of the upstream."""
+        for cache in self.new_caches(
+            self.upstream.url, self.upstream.port, self.workdir
+        ):
             cache.start()
             self.stack.callback(cache.stop)
             self.caches.append(cache)
-        for target in self.everyone:
+        cluster = HaproxyCluster(
+            upstream_url=self.upstream.url,
+            workdir=self.workdir / "cluster",
+            haproxy_binary=self.tools["haproxy"],
+        )
+        self.stack.callback(cluster.stop)
+        cluster.start()
+        self.cluster = cluster
+        for target in self.caches:
             self.results[target.name] = TargetResults(target.name)
+            if target.name == "mirror":
+                self.results[cluster.name] = TargetResults(cluster.name)
+        self.results[self.direct.name] = TargetResults(self.direct.name)
+
+    @property
+    def herd_targets(self) -> list[Target]:
+        """Who meets the herd: everyone, and the cluster after mirror."""
+        targets: list[Target] = []
+        for target in self.everyone:
+            targets.append(target)
+            if target.name == "mirror" and self.cluster is not None:
+                targets.append(self.cluster)
+        return targets
 
     async def publish(self, repository: str, layers_mib: tuple[int, ...]) -> Published:
         return await self.publisher.image(
@@ -217,17 +267,32 @@ class Bench:
 
     async def cold_pulls(self, image: Published) -> None:
         """Scenario 1: every cache empty; repeated by restarting it empty."""
+        await self._cold(
+            self.caches, self.direct, image, lambda r: r.cold_pull, "cold pull"
+        )
+
+    async def _cold(
+        self,
+        caches: Sequence[Target],
+        direct: Target,
+        image: Published,
+        pick: ColdPick,
+        label: str,
+    ) -> None:
+        """``cold_repeats`` pulls from each of ``caches``, started empty and
+        reset empty between repeats, then ``direct_repeats`` from ``direct``;
+        each time into ``pick(results)``."""
         for repeat in range(self.settings.cold_repeats):
-            for cache in self.caches:
+            for cache in caches:
                 if repeat:
                     await asyncio.to_thread(cache.reset)
                 result = await pull.pull_once(cache.url, image.repository, image.tag)
-                self.results[cache.name].cold_pull.append(result.seconds)
-                say(f"cold pull #{repeat + 1} {cache.name}: {result.seconds:.2f} s")
+                pick(self.results[cache.name]).append(result.seconds)
+                say(f"{label} #{repeat + 1} {cache.name}: {result.seconds:.2f} s")
         for repeat in range(self.settings.direct_repeats):
-            result = await pull.pull_once(self.direct.url, image.repository, image.tag)
-            self.results["direct"].cold_pull.append(result.seconds)
-            say(f"direct pull #{repeat + 1}: {result.seconds:.2f} s")
+            result = await pull.pull_once(direct.url, image.repository, image.tag)
+            pick(self.results[direct.name]).append(result.seconds)
+            say(f"{label} #{repeat + 1} {direct.name}: {result.seconds:.2f} s")
 
     async def warm_pulls(self, image: Published) -> None:
         """Scenario 2: the same pull with every cache full."""
@@ -239,27 +304,69 @@ class Bench:
             say(f"warm pull {target.name}: {self.results[target.name].warm:.2f} s")
 
     async def herds(self, images: dict[str, Published]) -> None:
-        """Scenario 3: many clients pulling one image new to the target at once."""
-        for target in self.everyone:
-            image = images[target.name]
-            mark = self.upstream.mark()
-            result = await pull.herd(
-                target.url, image.repository, image.tag, self.settings.herd_clients
-            )
-            log = await self.upstream_log(mark)
-            self.results[target.name].herd = Herd(
-                seconds=result.seconds,
-                client_seconds=result.client_seconds,
-                blobs=len(image.single.blob_digests),
-                upstream_blob_gets=dict(log.blob_gets(successful=True)),
-                upstream_manifest_requests=sum(
-                    1 for request in log if request.kind == "manifest"
-                ),
-            )
+        """Scenario 3: many clients pulling one image new to the target at once;
+        the cluster too."""
+        for target in self.herd_targets:
+            herd = await self._herd(target, images[target.name], "herd")
+            self.results[target.name].herd = herd
+
+    async def _herd(self, target: Target, image: Published, label: str) -> Herd:
+        """``herd_clients`` pulls of ``image`` from ``target`` at once, and
+        what reached the upstream meanwhile (its own log)."""
+        mark = self.upstream.mark()
+        result = await pull.herd(
+            target.url, image.repository, image.tag, self.settings.herd_clients
+        )
+        log = await self.upstream_log(mark)
+        herd = Herd(
+            seconds=result.seconds,
+            client_seconds=result.client_seconds,
+            blobs=len(image.single.blob_digests),
+            upstream_blob_gets=dict(log.blob_gets(successful=True)),
+            upstream_manifest_requests=sum(
+                1 for request in log if request.kind == "manifest"
+            ),
+        )
+        say(
+            f"{label} {target.name}: {herd.seconds:.2f} s, "
+            f"{herd.total_blob_gets} upstream blob GETs for {herd.blobs} blobs"
+        )
+        return herd
+
+    async def wan(self, image: Published, herd_images: dict[str, Published]) -> None:
+        """Scenario 8: the upstream over a WAN, for every target.
+
+        A ``WanProxy`` in front of the upstream, a second instance of each
+        cache pointed at it (empty, its own files under ``wan/``), and
+        direct pulling through it: scenario 1's cold pulls of the same
+        image, then scenario 3's herd, each target on an image new to it.
+        The WAN instances and the proxy are stopped at the end.
+        """
+        proxy = WanProxy(self.upstream.port)
+        with contextlib.ExitStack() as stack:
+            await asyncio.to_thread(proxy.start)
+            stack.callback(proxy.stop)
             say(
-                f"herd {target.name}: {result.seconds:.2f} s, "
-                f"{sum(log.blob_gets(successful=True).values())} upstream blob GETs"
+                f"WAN proxy on {proxy.url}: {WAN_LATENCY * 1000:.0f} ms each way, "
+                f"{WAN_RATE * 8 / 1e6:.0f} Mbit/s per connection"
             )
+            caches = self.new_caches(proxy.url, proxy.port, self.workdir / "wan")
+            for cache in caches:
+                stack.callback(cache.stop)
+                await asyncio.to_thread(cache.start)
+            direct = Direct(self.upstream, via=proxy.url)
+            await self._cold(
+                caches, direct, image, lambda r: r.wan_cold_pull, "WAN cold pull"
+            )
+            targets: list[Target] = [*caches, direct]
+            for target in targets:
+                herd = await self._herd(target, herd_images[target.name], "WAN herd")
+                self.results[target.name].wan_herd = herd
+        counters = proxy.counters
+        say(
+            f"WAN proxy: {counters.get('connections')} connections, "
+            f"{counters.get('bytes_to_client', 0) / 1e6:.0f} MB to clients"
+        )
 
     async def load(
         self,
@@ -359,9 +466,9 @@ class Bench:
             )
             for kind, path in paths.items()
         }
-        for name, result in self.results.items():
-            result.manifest_digest = by_kind["digest"][name]
-            result.manifest_tag = by_kind["tag"][name]
+        for name in by_kind["digest"]:
+            self.results[name].manifest_digest = by_kind["digest"][name]
+            self.results[name].manifest_tag = by_kind["tag"][name]
 
     async def client_auth_scenario(self, image: Published) -> None:
         """Scenario 7: mirror with auth on against the same mirror with auth off.
@@ -484,20 +591,30 @@ class Bench:
             )
         secured.side.logins.append({"load": "warm pulls", "pulls": pulls, **moved})
 
-    def note_memory(self, scenario: str) -> None:
-        """Each cache's peak RSS so far, to tell which scenario set it."""
+    def peaks(self) -> dict[str, PeakRss]:
+        """Each cache's peak RSS so far: its process tree's, and for the
+        cluster its three nodes' (not HAProxy's)."""
+        found: dict[str, PeakRss] = {}
         for cache in self.caches:
             pid = cache.root_pid()
             if pid is not None:
-                peak = system.peak_rss(pid).total_mib
-                self.results[cache.name].rss_after[scenario] = peak
+                found[cache.name] = system.peak_rss(pid)
+        if self.cluster is not None:
+            readings: dict[int, int] = {}
+            for pid in self.cluster.node_pids():
+                readings.update(system.peak_rss(pid).per_process_kib)
+            found[self.cluster.name] = PeakRss(readings)
+        return found
+
+    def note_memory(self, scenario: str) -> None:
+        """Each cache's peak RSS so far, to tell which scenario set it."""
+        for name, peak in self.peaks().items():
+            self.results[name].rss_after[scenario] = peak.total_mib
 
     def read_memory(self) -> None:
         """Scenario 6: each cache's peak RSS, before anything is stopped."""
-        for cache in self.caches:
-            pid = cache.root_pid()
-            if pid is not None:
-                self.results[cache.name].rss = system.peak_rss(pid)
+        for name, peak in self.peaks().items():
+            self.results[name].rss = peak
 
     async def profile_mirror(self, image: Published) -> None:
         """py-spy on mirror during blob and manifest loads (not measured)."""
@@ -555,20 +672,34 @@ async def bench(
         run.start_upstream()
         say(f"building and pushing images ({sum(settings.image_layers_mib)} MiB)")
         image = await run.publish("bench/image", settings.image_layers_mib)
-        say("starting mirror, distribution (proxy) and nginx with empty caches")
-        run.start_caches()
-        names = [target.name for target in run.everyone]
-        published = await asyncio.gather(
-            *(run.publish(f"bench/herd-{n}", settings.herd_layers_mib) for n in names)
+        say(
+            "starting mirror, distribution (proxy), nginx and the cluster "
+            "(3 mirrors behind haproxy) with empty caches"
         )
-        herd_images = dict(zip(names, published, strict=True))
+        run.start_caches()
+        names = [target.name for target in run.herd_targets]
+        wan_names = [target.name for target in run.everyone]
+        published = await asyncio.gather(
+            *(
+                run.publish(f"bench/herd-{slug(n)}", settings.herd_layers_mib)
+                for n in names
+            ),
+            *(
+                run.publish(f"bench/wan-herd-{slug(n)}", settings.herd_layers_mib)
+                for n in wan_names
+            ),
+        )
+        herd_images = dict(zip(names, published[: len(names)], strict=True))
+        wan_herd_images = dict(zip(wan_names, published[len(names) :], strict=True))
         machine = system.machine(tools, REPO_ROOT)
+        machine["versions"]["haproxy"] = system._version([tools["haproxy"], "-v"])
         # Let the pushes' dirty pages reach the disk now, not during a pull.
         await asyncio.to_thread(os.sync)
         scenarios = {
             "cold pull": functools.partial(run.cold_pulls, image),
             "warm pull": functools.partial(run.warm_pulls, image),
             "herd": functools.partial(run.herds, herd_images),
+            "wan": functools.partial(run.wan, image, wan_herd_images),
             "cached blob": functools.partial(run.blob_throughput, image),
             "manifests": functools.partial(run.manifests, image),
             "client auth": functools.partial(run.client_auth_scenario, image),
@@ -638,8 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one round of everything (three of client auth): about 140 s "
-        "instead of 9 minutes",
+        help="one round of everything (three of client auth): about 190 s "
+        "instead of 10 minutes",
     )
     parser.add_argument(
         "--profile",

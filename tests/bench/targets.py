@@ -10,11 +10,16 @@ started with empty caches in front of the same upstream registry:
 * ``NginxCache``: nginx as a caching reverse proxy, configured the way a
   careful operator would for a registry (see ``nginx_config``).
 
-plus ``Direct``, the upstream itself, for the no-mirror limit, and
-``AuthMirrorTarget``, mirror configured as ``MirrorTarget`` but with client
-authentication on (``[auth] htpasswd`` of bcrypt hashes), which only the
-client-auth scenario uses. Every target can be reset to an empty cache (stop,
-wipe, start), which is how cold pulls are repeated.
+plus ``Direct``, the upstream itself (or the upstream through the WAN
+proxy), for the no-mirror limit; ``AuthMirrorTarget``, mirror configured as
+``MirrorTarget`` but with client authentication on (``[auth] htpasswd`` of
+bcrypt hashes), which only the client-auth scenario uses; and
+``HaproxyCluster``, three ``MirrorTarget`` nodes behind HAProxy with
+``deploy/haproxy/local-workers.cfg`` (``LocalHaproxy``), the cluster
+scenario's target. Every target can be reset to an empty cache (stop, wipe,
+start), which is how cold pulls are repeated.
+
+The WAN scenario's link is ``tests/bench/wanproxy.py``'s.
 """
 
 from __future__ import annotations
@@ -31,9 +36,15 @@ from typing import ClassVar, Protocol
 
 import bcrypt
 
+from tests.integration.haproxy import HaproxyProcess, Server
 from tests.integration.mirror_process import MirrorProcess, toml_string
 from tests.integration.tools import ManagedProcess, ProcessDied, free_port, http_status
 from tests.integration.upstream import Upstream, registry_config
+
+from .report import CLUSTER_NAME
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_WORKERS = REPO_ROOT / "deploy" / "haproxy" / "local-workers.cfg"
 
 # Same freshness for tags in mirror and nginx, so the by-tag numbers compare
 # like with like; distribution's proxy asks upstream on every tag request.
@@ -61,6 +72,14 @@ class Target(Protocol):
         ...
 
     def stop(self) -> None: ...
+
+
+class Cache(Target, Protocol):
+    """A target that is a process the benchmark starts (not direct)."""
+
+    def start(self) -> None:
+        """Start with an empty cache and return once it serves."""
+        ...
 
 
 def answers_200(url: str) -> bool:
@@ -102,14 +121,16 @@ def start_on_free_port(
 
 @dataclass
 class Direct:
-    """No mirror: the client talks to the upstream registry itself."""
+    """No mirror: the client talks to the upstream registry itself, or
+    through ``via`` (the WAN proxy's URL) when given."""
 
     upstream: Upstream
     name: str = "direct"
+    via: str | None = None
 
     @property
     def url(self) -> str:
-        return self.upstream.url
+        return self.upstream.url if self.via is None else self.via
 
     def root_pid(self) -> int | None:
         return None
@@ -454,3 +475,92 @@ class NginxCache(LocalServer):
             "-e",
             str(self.workdir / "error.log"),
         ]
+
+
+@dataclass
+class LocalHaproxy(HaproxyProcess):
+    """HaproxyProcess, rendered from ``source`` (local-workers.cfg) instead of
+    the cluster's file; only binds and server lines change, as there. Ready
+    once every server is UP, so a measurement never starts on a cold ring."""
+
+    source: Path = LOCAL_WORKERS
+    waits_for = "every server UP"
+
+    def ready(self) -> bool:
+        return self._all_up()
+
+    def _all_up(self) -> bool:
+        try:
+            states = self.server_states()
+        except OSError:
+            return False
+        return len(states) == len(self.servers) and all(
+            state == "UP" for state in states.values()
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+@dataclass
+class HaproxyCluster:
+    """``nodes`` mirror processes (each a ``MirrorTarget``, its own cache
+    directory) behind HAProxy with ``deploy/haproxy/local-workers.cfg``, as
+    ``tests/bench/cores.py`` builds it: server ``worker<i>``, id ``i``, per
+    node. ``url`` is HAProxy's. Its memory is the nodes' (``node_pids``);
+    ``root_pid`` is HAProxy's, whose tree holds none of them.
+    """
+
+    upstream_url: str
+    workdir: Path
+    haproxy_binary: str
+    nodes: int = 3
+    name: str = CLUSTER_NAME
+    members: list[MirrorTarget] = field(init=False, default_factory=list)
+    haproxy: LocalHaproxy | None = field(init=False, default=None)
+
+    @property
+    def url(self) -> str:
+        assert self.haproxy is not None, "cluster not started"
+        return self.haproxy.url
+
+    def start(self) -> None:
+        """Start the nodes, then HAProxy once they listen (their ports go
+        into its server lines); returns when HAProxy sees every node UP."""
+        self.members = [
+            MirrorTarget(self.upstream_url, self.workdir / f"node{n}", name=f"node{n}")
+            for n in range(1, self.nodes + 1)
+        ]
+        for member in self.members:
+            member.start()
+        self.haproxy = LocalHaproxy(
+            binary=self.haproxy_binary,
+            workdir=self.workdir / "haproxy",
+            servers=[
+                Server(f"worker{n}", n, member.process.host)
+                for n, member in enumerate(self.members, start=1)
+            ],
+        )
+        self.haproxy.start()
+
+    def node_pids(self) -> list[int]:
+        return [
+            pid for member in self.members if (pid := member.root_pid()) is not None
+        ]
+
+    def root_pid(self) -> int | None:
+        return None if self.haproxy is None else self.haproxy.pid
+
+    def reset(self) -> None:
+        self.stop()
+        for member in self.members:
+            shutil.rmtree(member.process.cache_dir, ignore_errors=True)
+        self.start()
+
+    def stop(self) -> None:
+        if self.haproxy is not None:
+            self.haproxy.stop()
+        for member in self.members:
+            member.stop()

@@ -59,6 +59,10 @@ FLUSH_TIMEOUT = 5.0
 # no finer than a millisecond, and one sleep per small piece would cap the
 # rate far below the one asked for.
 PACE_QUANTUM = 0.005
+# How late a paced sleep may end and still be made up for by sending faster
+# afterwards. Sleeps overshoot by more than a timer's millisecond when the
+# proxy's thread waits for the GIL (5 ms switch interval) behind the test's.
+PACE_CREDIT = 0.05
 
 
 @dataclass
@@ -537,6 +541,7 @@ class _Pipe:
     stall_fault: _Fault | None = None
     _last_due: float = 0.0
     _free_at: float = 0.0
+    _paced: bool = False  # this burst slept for its rate: oversleeping is made up
 
     def __post_init__(self) -> None:
         self.line = asyncio.Queue(self.connection.proxy._window_items)
@@ -661,9 +666,15 @@ class _Pipe:
     ) -> None:
         if link.rate:
             # Idle time earns no credit: every burst is paced from its start.
+            # But a pacing sleep that overshot is made up for by sending
+            # faster afterwards, rather than lost.
             now = loop.time()
-            self._free_at = max(self._free_at, now) + size / link.rate
+            if now - self._free_at >= PACE_CREDIT:
+                self._paced = False  # idle: a new burst
+            base = self._free_at if self._paced else max(self._free_at, now)
+            self._free_at = base + size / link.rate
             if self._free_at - now >= PACE_QUANTUM:
+                self._paced = True
                 await _sleep_until(loop, self._free_at)
         if link.pause_chance and self.pieces.random() < link.pause_chance:
             await asyncio.sleep(self.pieces.uniform(*link.pause))
