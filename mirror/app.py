@@ -123,6 +123,7 @@ def create_app(
         evictor=evictor,
         pins=pins,
         max_downloads=config.upstream.max_downloads,
+        download_memory=config.upstream.download_memory,
         clock=clock,
     )
     handlers = RegistryHandlers(cache, metrics, send_timeout=config.server.send_timeout)

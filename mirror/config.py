@@ -783,6 +783,11 @@ class UpstreamConfig:
     max_downloads: int = _key(
         parse_positive_int, 64, "blob downloads at once; more wait in a queue"
     )
+    download_memory: int = _key(
+        parse_size,
+        64 * 1024**2,
+        "blob bytes all downloads together hold in memory ahead of the disk",
+    )
     max_connections: int = _key(
         parse_positive_int,
         32,
@@ -803,7 +808,12 @@ class UpstreamConfig:
 
 # Keys of [upstream] that bound the whole process, not one registry: a
 # registry's UpstreamConfig carries [upstream]'s values of them.
-_PROCESS_WIDE_KEYS = ("max_downloads", "max_connections", "max_body_size")
+_PROCESS_WIDE_KEYS = (
+    "max_downloads",
+    "download_memory",
+    "max_connections",
+    "max_body_size",
+)
 
 
 def small_blob_slots(max_downloads: int) -> int:
@@ -1136,8 +1146,9 @@ def _registry_host(value: str, key: str) -> str:
 
 def _process_wide(name: str) -> str:
     return (
-        f"{name}: max_downloads, max_connections and max_body_size bound the "
-        "whole process, not one registry; set them in [upstream]"
+        f"{name}: max_downloads, download_memory, max_connections and "
+        "max_body_size bound the whole process, not one registry; set them in "
+        "[upstream]"
     )
 
 

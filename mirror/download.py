@@ -19,9 +19,10 @@ Guarantees:
 * A cut body is resumed with a Range request, up to `resume_attempts` times,
   as long as each attempt brought bytes (a stalled upstream is not asked
   again); the final digest check covers every byte.
-* Memory is bounded: the window holds at most `WINDOW` bytes per download;
-  when the disk (or, uncached, the slowest reader) falls that far behind,
-  the fetch waits for it.
+* Memory is bounded: the window holds at most `WINDOW` bytes per download,
+  and all windows together `upstream.download_memory` (MemoryBudget), each
+  download always allowed `MIN_WINDOW`; when the disk (or, uncached, the
+  slowest reader) falls that far behind, the fetch waits for it.
 * Downloads are bounded: at most `upstream.max_downloads` run at once (plus
   a small lane for small blobs, see DownloadSlots); the rest wait in a FIFO
   queue, and one whose every reader left while it waited is dropped without
@@ -78,12 +79,16 @@ READ_CHUNK = 1024 * 1024
 # Upper bound of one piece from memory to one client: what the socket does
 # not take at once is copied into the connection's buffer, so this bounds
 # that copy per client.
-SEND_CHUNK = 256 * 1024
+SEND_CHUNK = 64 * 1024
 # Upper bound of one FileSpan (the handler sends it in pieces of its own).
 SPAN_LIMIT = 64 * 1024 * 1024
 # Bytes one download may hold in memory ahead of its disk writes (or, when
-# uncached, of its slowest reader).
+# uncached, of its slowest reader)...
 WINDOW = 32 * 1024 * 1024
+# ...and may always hold, whatever the others hold (so each goes on).
+MIN_WINDOW = 1024 * 1024
+# upstream.download_memory's default: what all windows together may hold.
+DOWNLOAD_MEMORY = 64 * 1024 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Blobs up to this size (as a cached manifest declares it) use the small lane.
 SMALL_BLOB = 1024 * 1024
@@ -124,6 +129,28 @@ class DownloadSlots:
             semaphore.release()
 
 
+class MemoryBudget:
+    """Blob bytes all downloads together hold in memory, against
+    `upstream.download_memory`; exported as a gauge."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.held = 0
+        self._gauge = metrics.download_memory
+
+    def take(self, size: int) -> None:
+        self.held += size
+        self._gauge.inc(size)
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        self._gauge.dec(size)
+
+    @property
+    def spent(self) -> bool:
+        return self.held > self.limit
+
+
 @dataclass(frozen=True)
 class DownloadContext:
     """What every download needs, whichever registry it fetches from; built
@@ -134,6 +161,7 @@ class DownloadContext:
     metrics: Metrics
     evictor: Evictor
     slots: DownloadSlots
+    memory: MemoryBudget
     clock: Callable[[], float] = time.time
 
 
@@ -230,9 +258,14 @@ class BlobDownload:
 
     def release(self) -> None:
         self._refs -= 1
-        if self._refs == 0 and self._file is not None:
+        if self._refs:
+            return
+        if self._file is not None:
             self._file.close()
             self._file = None
+        # Nobody reads the window any more (a failure, or readers that left).
+        self._memory.clear()
+        self._let_go(self._memory_bytes)
 
     async def wait_started(self) -> None:
         """Wait until a first byte may be sent, or the blob is complete.
@@ -462,7 +495,7 @@ class BlobDownload:
             # Written: readers find these bytes on disk from now on.
             self.on_disk = offset + len(data)
             self._memory.popleft()
-            self._memory_bytes -= len(data)
+            self._let_go(len(data))
             self._signal_drained()
 
     def _trim_read(self) -> None:
@@ -472,8 +505,24 @@ class BlobDownload:
         slowest = min(self._readers.values())
         while self._memory and _end(self._memory[0]) <= slowest:
             _, data = self._memory.popleft()
-            self._memory_bytes -= len(data)
+            self._let_go(len(data))
             self._signal_drained()
+
+    def _hold(self, batch: bytes) -> None:
+        """Keep `batch`, the bytes after `received`, in the window."""
+        self._memory.append((self.received, batch))
+        self._memory_bytes += len(batch)
+        self._ctx.memory.take(len(batch))
+
+    def _let_go(self, size: int) -> None:
+        self._memory_bytes -= size
+        self._ctx.memory.give(size)
+
+    def _over_window(self) -> bool:
+        """Whether the fetch must wait before it reads more."""
+        if self._memory_bytes > WINDOW:
+            return True
+        return self._memory_bytes > MIN_WINDOW and self._ctx.memory.spent
 
     async def _commit(self, temp: Path) -> None:
         """Move the verified file into the store and record it.
@@ -596,8 +645,7 @@ class BlobDownload:
                         continue
                 # hashlib releases the GIL: this runs beside the event loop.
                 await asyncio.to_thread(hasher.update, batch)
-                self._memory.append((self.received, batch))
-                self._memory_bytes += len(batch)
+                self._hold(batch)
                 self.received += len(batch)
                 if self.size is not None and self.received > self.size:
                     raise DigestMismatch(str(self.digest), "body longer than declared")
@@ -617,9 +665,10 @@ class BlobDownload:
             ) from exc
 
     async def _within_window(self) -> None:
-        """Wait while the window is over `WINDOW`: for the writer, or when
-        uncached, for the slowest reader (dropping one stalled too long)."""
-        while self._memory_bytes > WINDOW:
+        """Wait while the window is full (`_over_window`): for the writer, or
+        when uncached, for the slowest reader (dropping one stalled too
+        long)."""
+        while self._over_window():
             if self.cached:
                 if self._writer is not None and self._writer.done():
                     self._writer.result()  # raises its error
@@ -629,7 +678,7 @@ class BlobDownload:
             if not self._readers:
                 raise UpstreamUnavailable("no client is reading an uncached download")
             self._trim_read()
-            if self._memory_bytes <= WINDOW:
+            if not self._over_window():
                 return
             slowest = min(self._readers.values(), default=None)
             try:

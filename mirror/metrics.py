@@ -223,6 +223,13 @@ class Metrics:
             "Blob downloads waiting for one of upstream.max_downloads slots.",
             registry=r,
         )
+        self.download_memory = Gauge(
+            "mirror_blob_download_memory_bytes",
+            "Blob bytes downloads hold in memory ahead of the disk (or, "
+            "uncached, of their slowest reader); upstream.download_memory "
+            "bounds it.",
+            registry=r,
+        )
         self.download_queue_wait = Histogram(
             "mirror_blob_download_queue_wait_seconds",
             "Time a blob download waited for a slot before it started.",

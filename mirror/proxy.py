@@ -41,7 +41,14 @@ from mirror.cache.blobs import BlobStore
 from mirror.cache.eviction import Evictor, PinSet
 from mirror.cache.metadata import MetadataStore, ReferrersRecord, TagRecord
 from mirror.config import small_blob_slots
-from mirror.download import BlobDownload, DownloadContext, DownloadSlots, Reader
+from mirror.download import (
+    DOWNLOAD_MEMORY,
+    BlobDownload,
+    DownloadContext,
+    DownloadSlots,
+    MemoryBudget,
+    Reader,
+)
 from mirror.errors import (
     DigestInvalid,
     DigestMismatch,
@@ -112,6 +119,7 @@ class PullThroughCache:
         evictor: Evictor,
         pins: PinSet,
         max_downloads: int = 64,
+        download_memory: int = DOWNLOAD_MEMORY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metadata = metadata
@@ -126,6 +134,7 @@ class PullThroughCache:
             metrics,
             evictor,
             DownloadSlots(max_downloads, metrics, small_blob_slots(max_downloads)),
+            MemoryBudget(download_memory, metrics),
             clock,
         )
         self._manifests: LRUCache[str, Manifest] = LRUCache(

@@ -7,13 +7,14 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 
 import aiohttp
 import pytest
 
 from mirror import download
 from mirror.app import CACHE, EVICTOR
-from mirror.download import WINDOW
+from mirror.download import MIN_WINDOW, READ_CHUNK, WINDOW
 from tests.conftest import Mirror, MirrorFactory
 from tests.fakes.registry import FakeRegistry, sha256
 
@@ -289,3 +290,41 @@ async def test_a_stalled_reader_of_an_uncached_blob_is_dropped_and_others_go_on(
         await read_rest()  # cut short: it was dropped
     assert len(received) < size
     assert upstream.count("blob", "GET") == 1
+
+
+async def test_downloads_together_hold_no_more_memory_than_download_memory(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk stops taking writes: three downloads fill their windows, but
+    # together only up to upstream.download_memory (plus the 1 MiB each may
+    # always hold, and the batch that crossed the line).
+    upstream = FakeRegistry()
+    blobs = [blob(50 + n, 12 * 1024 * KiB) for n in range(3)]
+    digests = [upstream.add_blob(data) for data in blobs]
+    mirror = await make_mirror(upstream, upstream_download_memory="4MiB")
+    write = download._write_all
+    disk = threading.Event()
+
+    def stuck(fd: int | None, chunk: bytes) -> None:
+        if not disk.wait(timeout=30):
+            raise OSError(errno.EIO, "the test's disk never came back")
+        write(fd, chunk)
+
+    monkeypatch.setattr(download, "_write_all", stuck)
+    responses = [
+        await mirror.client.get(f"/v2/library/x/blobs/{digest}") for digest in digests
+    ]
+    bound = 4 * 1024 * KiB + 3 * (MIN_WINDOW + READ_CHUNK)
+    fetched = 'mirror_upstream_bytes_total{kind="blob",registry="docker.io"}'
+    held = "mirror_blob_download_memory_bytes"
+    plateau = await steady_metric(mirror, fetched)
+    assert 4 * 1024 * KiB < plateau <= bound, plateau
+    assert 4 * 1024 * KiB < await metric(mirror, held) <= bound
+
+    disk.set()  # the disk is back: every download completes, cached and whole
+    for response, digest in zip(responses, digests, strict=True):
+        assert sha256(await response.read()) == digest
+    await mirror.settle()
+    assert await metric(mirror, held) == 0
+    assert store_bytes(mirror) == 3 * 12 * 1024 * KiB
+    assert upstream.count("blob", "GET") == 3

@@ -636,6 +636,7 @@ def test_registry_carries_the_process_wide_bounds(tmp_path: Path) -> None:
         """
         [upstream]
         max_downloads = 8
+        download_memory = "16MiB"
         max_body_size = "1MiB"
         [registries."ghcr.io"]
         """,
@@ -645,6 +646,7 @@ def test_registry_carries_the_process_wide_bounds(tmp_path: Path) -> None:
     assert ghcr.upstream.max_downloads == 8
     assert ghcr.upstream.max_connections == 5
     assert ghcr.upstream.max_body_size == 1024**2
+    assert ghcr.upstream.download_memory == 16 * 1024**2
 
 
 def test_registry_tag_keys_default_to_cache_after_env(tmp_path: Path) -> None:
@@ -819,7 +821,9 @@ def test_docker_hub_in_mirror_registries_points_to_upstream() -> None:
     assert "[upstream]" in message
 
 
-@pytest.mark.parametrize("key", ["max_downloads", "max_connections", "max_body_size"])
+@pytest.mark.parametrize(
+    "key", ["max_downloads", "download_memory", "max_connections", "max_body_size"]
+)
 def test_process_wide_key_is_refused_per_registry(tmp_path: Path, key: str) -> None:
     path = write(tmp_path, f'[registries."ghcr.io"]\n{key} = 4\n')
     message = config_error(path, dict(PINNED))
@@ -1218,7 +1222,13 @@ def test_describe_names_registry_keys_by_placeholder() -> None:
     )
     assert rows['registries."<host>".max_stale'][1] == "[cache]'s"
     assert rows['registries."<host>".allow'][0] == "MIRROR_REGISTRY_<SLUG>_ALLOW"
-    for key in ("max_downloads", "max_connections", "max_body_size", "dir"):
+    for key in (
+        "max_downloads",
+        "download_memory",
+        "max_connections",
+        "max_body_size",
+        "dir",
+    ):
         assert f'registries."<host>".{key}' not in rows
 
 
