@@ -79,7 +79,7 @@ READ_CHUNK = 1024 * 1024
 # Upper bound of one piece from memory to one client: what the socket does
 # not take at once is copied into the connection's buffer, so this bounds
 # that copy per client.
-SEND_CHUNK = 64 * 1024
+SEND_CHUNK = 256 * 1024
 # Upper bound of one FileSpan (the handler sends it in pieces of its own).
 SPAN_LIMIT = 64 * 1024 * 1024
 # Bytes one download may hold in memory ahead of its disk writes (or, when
