@@ -298,14 +298,25 @@ class Metrics:
 
 
 class _Bound(Generic[_Collector]):
-    """A collector with its leading `registry` label filled in."""
+    """A collector with its leading `registry` label filled in.
+
+    Children are kept once looked up: prometheus_client's `labels()` takes a
+    lock and builds a key on every call, and some of these count every
+    request. The label values come from mirror's code (kinds, results,
+    statuses), so there are few, and no child is ever removed.
+    """
 
     def __init__(self, collector: _Collector, registry: str) -> None:
         self._collector: _Collector = collector
         self._registry = registry
+        self._children: dict[tuple[str, ...], _Collector] = {}
 
     def labels(self, *values: str) -> _Collector:
-        child: _Collector = self._collector.labels(self._registry, *values)
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._collector.labels(
+                self._registry, *values
+            )
         return child
 
 
