@@ -879,7 +879,8 @@ class RegistryConfig:
     # The name clients use, lower case: "docker.io", "ghcr.io", "registry.corp:5000".
     host: str
     # url, credentials, timeouts, retries, allow/deny; the process-wide bounds
-    # (max_downloads, max_connections, max_body_size) are [upstream]'s.
+    # (max_downloads, download_memory, max_connections, max_body_size) are
+    # [upstream]'s.
     upstream: UpstreamConfig
     tag_ttl: float
     max_stale: float | None

@@ -86,7 +86,7 @@ SPAN_LIMIT = 64 * 1024 * 1024
 # uncached, of its slowest reader)...
 WINDOW = 32 * 1024 * 1024
 # ...and may always hold, whatever the others hold (so each goes on).
-MIN_WINDOW = 1024 * 1024
+MIN_WINDOW = READ_CHUNK
 # upstream.download_memory's default: what all windows together may hold.
 DOWNLOAD_MEMORY = 64 * 1024 * 1024
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -632,11 +632,16 @@ class BlobDownload:
                 if not data:
                     return
                 parts = [data]
-                # Take what else is already buffered, to hash in one call.
-                while sum(map(len, parts)) < READ_CHUNK and (
-                    more := content.read_nowait()
+                # Take what else is already buffered, to hash in one call;
+                # a batch stays within READ_CHUNK (= MIN_WINDOW), so the one
+                # batch readers cannot finish (its last byte waits for the
+                # digest) never keeps a download over its window.
+                total = len(data)
+                while total < READ_CHUNK and (
+                    more := content.read_nowait(READ_CHUNK - total)
                 ):
                     parts.append(more)
+                    total += len(more)
                 batch = b"".join(parts) if len(parts) > 1 else data
                 received.inc(len(batch))
                 if skip:
@@ -678,9 +683,11 @@ class BlobDownload:
             if not self._readers:
                 raise UpstreamUnavailable("no client is reading an uncached download")
             self._trim_read()
-            if not self._over_window():
+            slowest = min(self._readers.values())
+            if not self._over_window() or slowest >= self._readable():
+                # Within the window, or every reader has all it may have:
+                # waiting for them would wait for nothing.
                 return
-            slowest = min(self._readers.values(), default=None)
             try:
                 # How long an uncached download waits for its slowest reader
                 # before dropping it, so one stalled client cannot stall the
@@ -688,7 +695,9 @@ class BlobDownload:
                 async with asyncio.timeout(self.registry.read_timeout):
                     await self._drained.wait()
             except TimeoutError:
-                if slowest is not None:
+                # Only a reader that had bytes to read and did not is stalled
+                # (another download may have freed the budget meanwhile).
+                if self._over_window() and slowest < self._readable():
                     self._drop_readers_at(slowest)
 
     def _drop_readers_at(self, offset: int) -> None:

@@ -14,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import re
 from typing import BinaryIO
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from mirror import outcome
 from mirror.api.errors import API_VERSION_HEADER
 from mirror.api.routing import Router
-from mirror.download import FileSpan, Reader
+from mirror.download import SEND_CHUNK, FileSpan, Reader
 from mirror.errors import (
     MirrorError,
     Overloaded,
@@ -132,8 +133,8 @@ class RegistryHandlers:
         try:
             response = _blob_response(headers, requested, blob.size)
             await response.prepare(request)
-            await self._sendfile(request, file, start, end)
-            self.metrics.served_bytes.labels("cache").inc(end - start)
+            served = self.metrics.served_bytes.labels("cache")
+            await self._sendfile(request, response, file, start, end, served)
             await response.write_eof()
         except TimeoutError:
             self._stalled(request, "cached blob")
@@ -144,12 +145,25 @@ class RegistryHandlers:
         return response
 
     async def _sendfile(
-        self, request: web.Request, file: BinaryIO, start: int, end: int
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        file: BinaryIO,
+        start: int,
+        end: int,
+        served: Counter,
+        *,
+        shared: bool = False,
     ) -> None:
         """sendfile [start, end) in pieces sized to the client's pace.
 
-        Raises ConnectionError (client gone) or TimeoutError (a piece took
-        send_timeout: the client stalled).
+        A `shared` file (a download's, read by every client of it) is never
+        read at its position: where sendfile cannot be used, the rest is
+        copied with pread, not with asyncio's fallback (which seeks).
+
+        Raises ConnectionError (client gone, or the file ended early: the
+        connection is aborted) or TimeoutError (a piece took send_timeout:
+        the client stalled).
         """
         loop = asyncio.get_running_loop()
         offset, piece = start, _MIN_PIECE
@@ -159,14 +173,45 @@ class RegistryHandlers:
                 raise ConnectionResetError("client left")
             count = min(piece, end - offset)
             began = loop.time()
-            async with asyncio.timeout(self.send_timeout):
-                sent = await loop.sendfile(transport, file, offset, count)
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    sent = await loop.sendfile(
+                        transport, file, offset, count, fallback=not shared
+                    )
+            except asyncio.SendfileNotAvailableError:
+                await self._copy(response, file, offset, end, served)
+                return
             done = outcome.current()
             if done is not None:
                 done.sent += sent
+            served.inc(sent)
+            if sent < count:
+                transport.abort()
+                raise ConnectionResetError("the file ended before the response")
             offset += count
             rate = count / max(loop.time() - began, 1e-6)
             piece = int(min(_MAX_PIECE, max(_MIN_PIECE, rate * _PIECE_SECONDS)))
+
+    async def _copy(
+        self,
+        response: web.StreamResponse,
+        file: BinaryIO,
+        start: int,
+        end: int,
+        served: Counter,
+    ) -> None:
+        """Send [start, end) of `file` through the response, read with
+        pread in pieces."""
+        offset = start
+        while offset < end:
+            length = min(SEND_CHUNK, end - offset)
+            data = await asyncio.to_thread(os.pread, file.fileno(), length, offset)
+            if not data:
+                raise ConnectionResetError("the file ended before the response")
+            async with asyncio.timeout(self.send_timeout):
+                await response.write(data)
+            served.inc(len(data))
+            offset += len(data)
 
     def _stalled(self, request: web.Request, what: str) -> None:
         """The client accepted nothing for send_timeout: drop it."""
@@ -203,11 +248,13 @@ class RegistryHandlers:
             await response.prepare(request)
             async for chunk in download.stream(start, end, spans=spans):
                 if isinstance(chunk, FileSpan):
-                    at = chunk.offset
-                    await self._sendfile(request, chunk.file, at, at + chunk.count)
-                else:
-                    async with asyncio.timeout(self.send_timeout):
-                        await response.write(chunk)
+                    at, until = chunk.offset, chunk.offset + chunk.count
+                    await self._sendfile(
+                        request, response, chunk.file, at, until, served, shared=True
+                    )
+                    continue
+                async with asyncio.timeout(self.send_timeout):
+                    await response.write(chunk)
                 served.inc(len(chunk))
         except MirrorError as exc:
             # Headers are gone; the only honest signal left is to cut the
@@ -226,6 +273,16 @@ class RegistryHandlers:
             return response
         except ConnectionError:
             log.info("client %s left during blob %s", request.remote, download.digest)
+            return response
+        except OSError as exc:  # sendfile failing past its first byte
+            log.warning(
+                "aborting response for blob %s to %s: %s",
+                download.digest,
+                request.remote,
+                exc,
+            )
+            if request.transport is not None:
+                request.transport.abort()
             return response
         await response.write_eof()
         return response

@@ -665,9 +665,11 @@ class _Pipe:
         self, loop: asyncio.AbstractEventLoop, size: int, link: Link
     ) -> None:
         if link.rate:
-            # Idle time earns no credit: every burst is paced from its start.
-            # But a pacing sleep that overshot is made up for by sending
-            # faster afterwards, rather than lost.
+            # Idle time earns no credit beyond PACE_CREDIT: a burst after a
+            # longer pause is paced from its start. A pacing sleep that
+            # overshot is made up for by sending faster afterwards, rather
+            # than lost (so a pause shorter than PACE_CREDIT within a burst
+            # is made up for too).
             now = loop.time()
             if now - self._free_at >= PACE_CREDIT:
                 self._paced = False  # idle: a new burst

@@ -170,15 +170,19 @@ async def stop_serving(task: asyncio.Task[None]) -> None:
 # --- watching a download -------------------------------------------------------
 
 
-async def prefix_on_disk(mirror_dir: Path, size: int) -> None:
-    """Wait until the one download's temp file holds `size` bytes, and a
-    little longer, for the writer to drop them from memory."""
+async def prefix_on_disk(app: web.Application, cache_dir: Path, size: int) -> None:
+    """Wait until the one download's temp file holds `size` bytes and none
+    of them is still in memory (the writer has dropped them from its
+    window), so a reader joining now finds them on disk."""
+    directory = cache_dir / "tmp"
+    registry = app[METRICS].registry
     for _ in range(1000):
-        if sum(f.stat().st_size for f in (mirror_dir / "tmp").glob("*")) >= size:
-            await asyncio.sleep(0.05)
+        on_disk = sum(f.stat().st_size for f in directory.glob("*"))
+        held = registry.get_sample_value("mirror_blob_download_memory_bytes")
+        if on_disk >= size and held == 0:
             return
         await asyncio.sleep(0.01)
-    pytest.fail(f"the temp file never reached {size} bytes")
+    pytest.fail(f"the temp file never held {size} bytes with none in memory")
 
 
 def record_sendfile(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
@@ -188,10 +192,10 @@ def record_sendfile(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
 
     async def sendfile(
-        transport: Any, file: Any, offset: int = 0, count: Any = None
+        transport: Any, file: Any, offset: int = 0, count: Any = None, **more: Any
     ) -> int:
         calls.append((offset, count))
-        return await real(transport, file, offset, count)
+        return await real(transport, file, offset, count, **more)
 
     monkeypatch.setattr(loop, "sendfile", sendfile)
     return calls

@@ -220,19 +220,60 @@ async def test_joiner_gets_what_is_on_disk_by_sendfile_then_the_rest_live(
 
     first = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
     head_of_first = await first.content.readany()
-    await prefix_on_disk(mirror.config.cache.dir, CHUNK)  # upstream's first chunk
+    # upstream's first chunk
+    await prefix_on_disk(mirror.client.app, mirror.config.cache.dir, CHUNK)
     late = await mirror.client.get(f"/v2/library/y/blobs/{digest}")
     ranged = await mirror.client.get(
         f"/v2/library/y/blobs/{digest}", headers={"Range": "bytes=1000-"}
     )
     late_head = await late.content.readexactly(CHUNK)
     upstream.gate.set()
-    assert head_of_first + await first.read() == data
-    assert late_head + await late.read() == data
-    assert await ranged.read() == data[1000:]
-    # The joiners' prefixes went by sendfile from the temp file; the live
-    # part, and all of the first client's, through memory.
-    assert sorted(calls) == [(0, CHUNK), (1000, CHUNK - 1000)]
+    rest_of_first, rest_of_late, whole_range = await asyncio.gather(
+        first.read(), late.read(), ranged.read()
+    )
+    assert head_of_first + rest_of_first == data
+    assert late_head + rest_of_late == data
+    assert whole_range == data[1000:]
+    # The joiners' prefixes went by sendfile from the temp file (the only
+    # bytes on disk before the gate opened: later spans, for a reader that
+    # fell behind the writer, come after); the first client's all through
+    # memory.
+    assert sorted(calls[:2]) == [(0, CHUNK), (1000, CHUNK - 1000)]
+    assert upstream.count("blob", "GET") == 1
+
+
+async def test_where_sendfile_fails_a_joiner_gets_its_bytes_by_pread(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sendfile refused (EINVAL: a file system without it). asyncio's own
+    # fallback would read the download's shared file at its position, which
+    # every joiner moves; the bytes must come from the right offsets anyway.
+    upstream = FakeRegistry()
+    upstream.gate = asyncio.Event()
+    data = os.urandom(3_000_000)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream)
+
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EINVAL, "sendfile is not supported here")
+
+    monkeypatch.setattr(os, "sendfile", refuse)
+    first = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    head_of_first = await first.content.readany()
+    await prefix_on_disk(mirror.client.app, mirror.config.cache.dir, CHUNK)
+    ranged = await mirror.client.get(
+        f"/v2/library/y/blobs/{digest}", headers={"Range": "bytes=1000-"}
+    )
+    ranged_head = await ranged.content.readexactly(CHUNK - 1000)
+    late = await mirror.client.get(f"/v2/library/y/blobs/{digest}")
+    upstream.gate.set()
+    async with asyncio.timeout(10):
+        rest_of_first, rest_of_range, whole = await asyncio.gather(
+            first.read(), ranged.read(), late.read()
+        )
+    assert head_of_first + rest_of_first == data
+    assert ranged_head + rest_of_range == data[1000:]
+    assert whole == data
     assert upstream.count("blob", "GET") == 1
 
 

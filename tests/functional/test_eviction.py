@@ -11,6 +11,7 @@ import threading
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from mirror import download
 from mirror.app import CACHE, EVICTOR
@@ -328,3 +329,130 @@ async def test_downloads_together_hold_no_more_memory_than_download_memory(
     assert await metric(mirror, held) == 0
     assert store_bytes(mirror) == 3 * 12 * 1024 * KiB
     assert upstream.count("blob", "GET") == 3
+
+
+def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Temp-file writes block until the event is set (30 s at most)."""
+    write = download._write_all
+    disk = threading.Event()
+
+    def stuck(fd: int | None, chunk: bytes) -> None:
+        if not disk.wait(timeout=30):
+            raise OSError(errno.EIO, "the test's disk never came back")
+        write(fd, chunk)
+
+    monkeypatch.setattr(download, "_write_all", stuck)
+    return disk
+
+
+async def held_above(mirror: Mirror, size: int) -> None:
+    """Wait until downloads hold more than `size` bytes in memory."""
+    for _ in range(500):
+        if await metric(mirror, HELD) > size:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{HELD} never went above {size}")
+
+
+HELD = "mirror_blob_download_memory_bytes"
+
+
+async def test_a_failed_download_gives_its_memory_back(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Upstream cuts the body while the disk holds it all in memory.
+    upstream = FakeRegistry()
+    data = blob(60, 12 * 1024 * KiB)
+    digest = upstream.add_blob(data)
+    upstream.truncate[digest] = 6 * 1024 * KiB
+    mirror = await make_mirror(upstream, upstream_resume_attempts="0")
+    disk = stuck_disk(monkeypatch)
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    await held_above(mirror, -1)  # the scrape answers
+    try:
+        async with asyncio.timeout(10):
+            await mirror.client.app[CACHE].idle()
+        assert await metric(mirror, HELD) == 0
+    finally:
+        disk.set()
+
+
+async def test_an_uncached_download_whose_reader_left_gives_its_memory_back(
+    make_mirror: MirrorFactory,
+) -> None:
+    upstream = FakeRegistry()
+    data = blob(61, 12 * 1024 * KiB)
+    digest = upstream.add_blob(data)
+    mirror = await make_mirror(upstream, cache_max_size="1MiB")  # too big: uncached
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    await resp.content.readexactly(1024 * KiB)
+    await held_above(mirror, 1024 * KiB)
+    resp.close()
+    await mirror.settle()
+    assert await metric(mirror, HELD) == 0
+
+
+class ChunkedBlobs(FakeRegistry):
+    """Sends the blobs in `chunked` without a Content-Length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunked: set[str] = set()
+
+    async def _send_blob(self, request: web.Request, digest: str) -> web.StreamResponse:
+        if digest not in self.chunked or request.method == "HEAD":
+            return await super()._send_blob(request, digest)
+        data = self.blobs[digest]
+        response = web.StreamResponse(headers={"Docker-Content-Digest": digest})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for offset in range(0, len(data), 64 * KiB):
+            await response.write(data[offset : offset + 64 * KiB])
+        await response.write_eof()
+        return response
+
+
+@pytest.mark.parametrize("length", ["known", "unknown"])
+async def test_an_uncached_download_finishes_while_others_spend_the_memory(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch, length: str
+) -> None:
+    # One download holds all of upstream.download_memory behind a stuck disk.
+    # Another, too big to cache, is paced by its one reader, who has all but
+    # the last byte until the digest is checked: the download must not wait
+    # for that reader (nor drop it), whatever the budget says.
+    monkeypatch.setattr(download, "MIN_WINDOW", 64 * KiB)  # batches are bigger
+    upstream = ChunkedBlobs()
+    hog = upstream.add_blob(blob(62, 12 * 1024 * KiB))
+    big = blob(63, 24 * 1024 * KiB)
+    digest = upstream.add_blob(big)
+    if length == "unknown":
+        upstream.chunked.add(digest)
+    mirror = await make_mirror(
+        upstream,
+        upstream_download_memory="2MiB",
+        cache_max_size="16MiB",
+        upstream_read_timeout="1s",
+    )
+    write = download._write_all
+    disk = threading.Event()
+    hog_fd: list[int | None] = []
+
+    def stuck(fd: int | None, chunk: bytes) -> None:
+        if not hog_fd:
+            hog_fd.append(fd)  # the first download to write is the hog
+        if fd == hog_fd[0] and not disk.wait(timeout=30):
+            raise OSError(errno.EIO, "the test's disk never came back")
+        write(fd, chunk)
+
+    monkeypatch.setattr(download, "_write_all", stuck)
+    hog_resp = await mirror.client.get(f"/v2/library/x/blobs/{hog}")
+    await held_above(mirror, 2 * 1024 * KiB)  # the hog has spent the budget
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    try:
+        async with asyncio.timeout(10):
+            assert sha256(await resp.read()) == digest
+    finally:
+        disk.set()
+    assert sha256(await hog_resp.read()) == hog

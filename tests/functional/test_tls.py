@@ -357,7 +357,7 @@ async def test_a_joiner_over_tls_gets_the_part_on_disk_without_sendfile(
     async with aiohttp.ClientSession() as http:
         first = await http.get(url, ssl=client)
         head_of_first = await first.content.readany()
-        await prefix_on_disk(served.config.cache.dir, CHUNK)
+        await prefix_on_disk(served.app, served.config.cache.dir, CHUNK)
         late = await http.get(url, ssl=client)
         late_head = await late.content.readexactly(CHUNK)
         upstream.gate.set()
