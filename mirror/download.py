@@ -50,6 +50,7 @@ import itertools
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -213,7 +214,7 @@ class BlobDownload:
         self._changed = asyncio.Event()  # set on new bytes or a new state
         self._drained = asyncio.Event()  # set when the window shrank
         self._file: FileIO | None = None  # read-only, shared by readers
-        self._write_fd: int | None = None
+        self._write_fd: _WriteFd | None = None
         self._refs = 1  # the fetch task's own reference
         # [offset, bytes) batches not on disk (or, uncached, not yet read by all).
         self._memory: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -409,8 +410,10 @@ class BlobDownload:
         temp = ctx.blobs.temp_path()
         ctx.metrics.downloads_in_progress.inc()
         try:
-            self._write_fd = await asyncio.to_thread(
-                os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+            self._write_fd = _WriteFd(
+                await asyncio.to_thread(
+                    os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+                )
             )
             self._file = await asyncio.to_thread(FileIO, temp, "rb")
             self._writer = asyncio.create_task(self._write_behind(temp))
@@ -460,7 +463,9 @@ class BlobDownload:
         finally:
             self._unreserve()
             if self._write_fd is not None:
-                os.close(self._write_fd)
+                # Not under a write still running in its thread (the writer
+                # task was cancelled, the thread was not): it closes it then.
+                self._write_fd.close()
                 self._write_fd = None
             ctx.metrics.downloads_in_progress.dec()
             self._on_detach(self)
@@ -483,7 +488,7 @@ class BlobDownload:
                 continue
             offset, data = self._memory[0]
             try:
-                await asyncio.to_thread(_write_all, self._write_fd, data)
+                await asyncio.to_thread(_write_to, self._write_fd, data)
             except OSError as exc:
                 disk_full = _is_disk_full(exc)
                 if not disk_full:
@@ -533,7 +538,7 @@ class BlobDownload:
         ctx = self._ctx
         try:
             if self._write_fd is not None:
-                await asyncio.to_thread(os.close, self._write_fd)
+                await asyncio.to_thread(self._write_fd.close)
                 self._write_fd = None
             await ctx.blobs.commit(temp, self.digest)
             try:
@@ -769,6 +774,52 @@ class Reader:
         if not self._closed:
             self._closed = True
             self.download._detach_reader(self._id)
+
+
+class _WriteFd:
+    """A download's temp file, open for writing, that is closed only once no
+    write is running in a thread.
+
+    Cancelling the writer task does not stop a write already in its thread;
+    closing the descriptor under it would let the write land in whatever
+    file is opened next with the same number (another blob, the database).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._writing = False
+        self._closed = threading.Event()  # set under the lock
+
+    def write(self, data: bytes) -> None:
+        """Append `data` (in a worker thread)."""
+        with self._lock:
+            if self._closed.is_set():
+                raise OSError(errno.EBADF, "download's temp file is closed")
+            self._writing = True
+        try:
+            _write_all(self.fd, data)
+        finally:
+            with self._lock:
+                self._writing = False
+                if self._closed.is_set():
+                    os.close(self.fd)
+
+    def close(self) -> None:
+        """Close now, or when the write in flight ends."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            if self._writing:
+                return
+        os.close(self.fd)
+
+
+def _write_to(file: _WriteFd | None, data: bytes) -> None:
+    if file is None:
+        raise OSError(errno.EBADF, "download's temp file is closed")
+    file.write(data)
 
 
 def _write_all(fd: int | None, data: bytes) -> None:

@@ -456,3 +456,49 @@ async def test_an_uncached_download_finishes_while_others_spend_the_memory(
     finally:
         disk.set()
     assert sha256(await hog_resp.read()) == hog
+
+
+async def test_a_write_in_flight_when_its_download_fails_lands_in_its_own_file(
+    make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The download fails (upstream cuts it) while a write of its temp file
+    # is stuck in a worker thread. Cancelling the writer does not stop that
+    # thread, so the descriptor must stay open until the write ends: closed
+    # under it, the write would land in whatever file took the number next.
+    upstream = FakeRegistry()
+    data = blob(64, 12 * 1024 * KiB)
+    digest = upstream.add_blob(data)
+    upstream.truncate[digest] = 6 * 1024 * KiB
+    mirror = await make_mirror(upstream, upstream_resume_attempts="0")
+    write = download._write_all
+    disk = threading.Event()
+    seen: list[tuple[int, int]] = []  # (fd, inode) of the first write
+    ended: list[OSError | None] = []  # how each write that was held ended
+
+    def stuck(fd: int, chunk: bytes) -> None:
+        if not seen:
+            seen.append((fd, os.fstat(fd).st_ino))
+        disk.wait(timeout=30)
+        try:
+            if os.fstat(fd).st_ino != seen[0][1]:
+                raise OSError(errno.EBADF, "the descriptor is another file's now")
+            write(fd, chunk)
+        except OSError as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    monkeypatch.setattr(download, "_write_all", stuck)
+    resp = await mirror.client.get(f"/v2/library/x/blobs/{digest}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    async with asyncio.timeout(10):
+        await mirror.client.app[CACHE].idle()  # failed and cleaned up
+    assert seen, "no write was in flight"
+    disk.set()
+    for _ in range(500):  # the held write ends in its thread
+        if ended:
+            break
+        await asyncio.sleep(0.01)
+    assert ended == [None]  # into its own file, still open
+    assert not any(mirror.config.cache.dir.glob("blobs/*/*/*"))
