@@ -293,6 +293,20 @@ async def test_a_stalled_reader_of_an_uncached_blob_is_dropped_and_others_go_on(
     assert upstream.count("blob", "GET") == 1
 
 
+def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Temp-file writes block until the event is set (30 s at most)."""
+    write = download._write_all
+    disk = threading.Event()
+
+    def stuck(fd: int | None, chunk: bytes) -> None:
+        if not disk.wait(timeout=30):
+            raise OSError(errno.EIO, "the test's disk never came back")
+        write(fd, chunk)
+
+    monkeypatch.setattr(download, "_write_all", stuck)
+    return disk
+
+
 async def test_downloads_together_hold_no_more_memory_than_download_memory(
     make_mirror: MirrorFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -303,15 +317,7 @@ async def test_downloads_together_hold_no_more_memory_than_download_memory(
     blobs = [blob(50 + n, 12 * 1024 * KiB) for n in range(3)]
     digests = [upstream.add_blob(data) for data in blobs]
     mirror = await make_mirror(upstream, upstream_download_memory="4MiB")
-    write = download._write_all
-    disk = threading.Event()
-
-    def stuck(fd: int | None, chunk: bytes) -> None:
-        if not disk.wait(timeout=30):
-            raise OSError(errno.EIO, "the test's disk never came back")
-        write(fd, chunk)
-
-    monkeypatch.setattr(download, "_write_all", stuck)
+    disk = stuck_disk(monkeypatch)
     responses = [
         await mirror.client.get(f"/v2/library/x/blobs/{digest}") for digest in digests
     ]
@@ -329,20 +335,6 @@ async def test_downloads_together_hold_no_more_memory_than_download_memory(
     assert await metric(mirror, held) == 0
     assert store_bytes(mirror) == 3 * 12 * 1024 * KiB
     assert upstream.count("blob", "GET") == 3
-
-
-def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Temp-file writes block until the event is set (30 s at most)."""
-    write = download._write_all
-    disk = threading.Event()
-
-    def stuck(fd: int | None, chunk: bytes) -> None:
-        if not disk.wait(timeout=30):
-            raise OSError(errno.EIO, "the test's disk never came back")
-        write(fd, chunk)
-
-    monkeypatch.setattr(download, "_write_all", stuck)
-    return disk
 
 
 async def held_above(mirror: Mirror, size: int) -> None:
