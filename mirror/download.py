@@ -137,15 +137,13 @@ class MemoryBudget:
     def __init__(self, limit: int, metrics: Metrics) -> None:
         self.limit = limit
         self.held = 0
-        self._gauge = metrics.download_memory
+        metrics.download_memory.set_function(lambda: self.held)
 
     def take(self, size: int) -> None:
         self.held += size
-        self._gauge.inc(size)
 
     def give(self, size: int) -> None:
         self.held -= size
-        self._gauge.dec(size)
 
     @property
     def spent(self) -> bool:
@@ -822,9 +820,7 @@ def _write_to(file: _WriteFd | None, data: bytes) -> None:
     file.write(data)
 
 
-def _write_all(fd: int | None, data: bytes) -> None:
-    if fd is None:
-        raise OSError(errno.EBADF, "download's temp file is closed")
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

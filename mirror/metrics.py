@@ -297,25 +297,26 @@ class Metrics:
         )
 
 
-class _Bound(Generic[_Collector]):
-    """A collector with its leading `registry` label filled in.
+class Children(Generic[_Collector]):
+    """A collector's children, each looked up once, with leading label values
+    (`prefix`, such as a registry's name) filled in.
 
-    Children are kept once looked up: prometheus_client's `labels()` takes a
-    lock and builds a key on every call, and some of these count every
-    request. The label values come from mirror's code (kinds, results,
-    statuses), so there are few, and no child is ever removed.
+    prometheus_client's `labels()` takes a lock and builds a key on every
+    call, and some of these count every request. For label values from
+    mirror's code (routes, kinds, results, statuses): there are few, and no
+    child is ever removed.
     """
 
-    def __init__(self, collector: _Collector, registry: str) -> None:
+    def __init__(self, collector: _Collector, *prefix: str) -> None:
         self._collector: _Collector = collector
-        self._registry = registry
+        self._prefix = prefix
         self._children: dict[tuple[str, ...], _Collector] = {}
 
     def labels(self, *values: str) -> _Collector:
         child = self._children.get(values)
         if child is None:
             child = self._children[values] = self._collector.labels(
-                self._registry, *values
+                *self._prefix, *values
             )
         return child
 
@@ -327,18 +328,18 @@ class RegistryMetrics:
 
     def __init__(self, metrics: Metrics, registry: str) -> None:
         self.registry = registry
-        self.requests = _Bound(metrics.upstream_requests, registry)
-        self.bytes = _Bound(metrics.upstream_bytes, registry)
-        self.retries = _Bound(metrics.upstream_retries, registry)
-        self.invalid = _Bound(metrics.upstream_invalid, registry)
-        self.auth_failures = _Bound(metrics.upstream_auth_failures, registry)
-        self.verification_failures = _Bound(metrics.verification_failures, registry)
-        self.cache_requests = _Bound(metrics.cache_requests, registry)
+        self.requests = Children(metrics.upstream_requests, registry)
+        self.bytes = Children(metrics.upstream_bytes, registry)
+        self.retries = Children(metrics.upstream_retries, registry)
+        self.invalid = Children(metrics.upstream_invalid, registry)
+        self.auth_failures = Children(metrics.upstream_auth_failures, registry)
+        self.verification_failures = Children(metrics.verification_failures, registry)
+        self.cache_requests = Children(metrics.cache_requests, registry)
         # Created on first use: a gauge of a budget no header has told yet
         # would claim a limit of 0.
-        self.ratelimit_limit = _Bound(metrics.ratelimit_limit, registry)
-        self.ratelimit_remaining = _Bound(metrics.ratelimit_remaining, registry)
-        self.first_byte = _Bound(metrics.upstream_first_byte, registry)
+        self.ratelimit_limit = Children(metrics.ratelimit_limit, registry)
+        self.ratelimit_remaining = Children(metrics.ratelimit_remaining, registry)
+        self.first_byte = Children(metrics.upstream_first_byte, registry)
         # Failures an alert watches exist at 0 from the start, so that the
         # first one is an increase Prometheus can see.
         for kind in ("manifest", "blob"):

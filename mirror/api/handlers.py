@@ -208,10 +208,17 @@ class RegistryHandlers:
             data = await asyncio.to_thread(os.pread, file.fileno(), length, offset)
             if not data:
                 raise ConnectionResetError("the file ended before the response")
-            async with asyncio.timeout(self.send_timeout):
-                await response.write(data)
-            served.inc(len(data))
+            await self._write(response, data, served)
             offset += len(data)
+
+    async def _write(
+        self, response: web.StreamResponse, data: bytes | memoryview, served: Counter
+    ) -> None:
+        """Write and count a piece of a blob; TimeoutError if the client took
+        none of it for send_timeout."""
+        async with asyncio.timeout(self.send_timeout):
+            await response.write(data)
+        served.inc(len(data))
 
     def _stalled(self, request: web.Request, what: str) -> None:
         """The client accepted nothing for send_timeout: drop it."""
@@ -253,33 +260,22 @@ class RegistryHandlers:
                         request, response, chunk.file, at, until, served, shared=True
                     )
                     continue
-                async with asyncio.timeout(self.send_timeout):
-                    await response.write(chunk)
-                served.inc(len(chunk))
-        except MirrorError as exc:
-            # Headers are gone; the only honest signal left is to cut the
-            # connection before the declared length.
-            log.warning(
-                "aborting response for blob %s to %s: %s",
-                download.digest,
-                request.remote,
-                exc.message,
-            )
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+                await self._write(response, chunk, served)
         except TimeoutError:
             self._stalled(request, "blob download")
             return response
         except ConnectionError:
             log.info("client %s left during blob %s", request.remote, download.digest)
             return response
-        except OSError as exc:  # sendfile failing past its first byte
+        except (MirrorError, OSError) as exc:
+            # The download failed, or sendfile did past its first byte.
+            # Headers are gone; the only honest signal left is to cut the
+            # connection before the declared length.
             log.warning(
                 "aborting response for blob %s to %s: %s",
                 download.digest,
                 request.remote,
-                exc,
+                exc.message if isinstance(exc, MirrorError) else exc,
             )
             if request.transport is not None:
                 request.transport.abort()

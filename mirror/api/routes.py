@@ -13,7 +13,7 @@ from mirror.api.errors import Handler
 from mirror.api.handlers import RegistryHandlers
 from mirror.api.routing import ROUTE
 from mirror.api.status import StatusPage
-from mirror.metrics import Metrics
+from mirror.metrics import Children, Metrics
 from mirror.outcome import Outcome
 from mirror.stats import Stats
 
@@ -122,10 +122,8 @@ def metrics_middleware(metrics: Metrics, stats: Stats | None = None) -> Middlewa
     route and cache result; start its Outcome (OUTCOME on the request).
     `stats` (the status page's history) gets the same cache result, and
     each manifest served to a GET."""
-    # labels() costs a lock and a tuple lookup per call; the combinations are
-    # few, so the children are looked up once and kept.
-    counters: dict[tuple[str, str, int], Any] = {}
-    timers: dict[tuple[str, str], Any] = {}
+    requests = Children(metrics.http_requests)
+    durations = Children(metrics.http_duration)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -145,20 +143,10 @@ def metrics_middleware(metrics: Metrics, stats: Stats | None = None) -> Middlewa
         finally:
             # Any token is a method to HTTP; keep the label set bounded.
             method = request.method if request.method in _METHODS else "other"
-            key = (route, method, status)
-            counter = counters.get(key)
-            if counter is None:
-                counter = counters[key] = metrics.http_requests.labels(
-                    route, method, str(status)
-                )
-            counter.inc()
-            result = done.cache or "none"
-            timer = timers.get((route, result))
-            if timer is None:
-                timer = timers[route, result] = metrics.http_duration.labels(
-                    route, result
-                )
-            timer.observe(time.perf_counter() - started)
+            requests.labels(route, method, str(status)).inc()
+            durations.labels(route, done.cache or "none").observe(
+                time.perf_counter() - started
+            )
             if stats is not None:
                 stats.answered(done.cache)
                 target = request.get(ROUTE)

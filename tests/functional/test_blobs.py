@@ -460,7 +460,7 @@ async def test_a_full_disk_streams_the_blob_uncached_to_the_client(
     upstream.gate = asyncio.Event()  # hold the body after its first chunk
     mirror = await make_mirror(upstream)
 
-    def disk_full(fd: int | None, chunk: bytes) -> None:
+    def disk_full(fd: int, chunk: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("mirror.download._write_all", disk_full)

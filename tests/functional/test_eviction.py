@@ -257,7 +257,7 @@ async def test_a_stalled_reader_of_an_uncached_blob_is_dropped_and_others_go_on(
     write = download._write_all
     full = asyncio.Event()
 
-    def filling_up(fd: int | None, chunk: bytes) -> None:
+    def filling_up(fd: int, chunk: bytes) -> None:
         if full.is_set():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write(fd, chunk)
@@ -298,7 +298,7 @@ def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     write = download._write_all
     disk = threading.Event()
 
-    def stuck(fd: int | None, chunk: bytes) -> None:
+    def stuck(fd: int, chunk: bytes) -> None:
         if not disk.wait(timeout=30):
             raise OSError(errno.EIO, "the test's disk never came back")
         write(fd, chunk)
@@ -429,9 +429,9 @@ async def test_an_uncached_download_finishes_while_others_spend_the_memory(
     )
     write = download._write_all
     disk = threading.Event()
-    hog_fd: list[int | None] = []
+    hog_fd: list[int] = []
 
-    def stuck(fd: int | None, chunk: bytes) -> None:
+    def stuck(fd: int, chunk: bytes) -> None:
         if not hog_fd:
             hog_fd.append(fd)  # the first download to write is the hog
         if fd == hog_fd[0] and not disk.wait(timeout=30):
