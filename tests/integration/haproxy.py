@@ -22,13 +22,14 @@ import asyncio
 import csv
 import io
 import re
+import subprocess
 import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tools import ManagedProcess, ProcessDied, free_port, http_status
+from .tools import ManagedProcess, ProcessDied, free_port, http_status, require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -62,6 +63,18 @@ def _section(line: str) -> str | None:
     if not line or line[0].isspace() or line.startswith("#"):
         return None
     return line.split("#", 1)[0].strip()
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    """`haproxy -c -f path`: HAProxy's own verdict on a config file (the
+    binary found as the integration tests find it)."""
+    return subprocess.run(
+        [require_tool("haproxy", prefer=HAPROXY_PATH), "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def render_config(

@@ -34,6 +34,7 @@ from tests.integration.haproxy import (
     SHIPPED_CONFIG,
     HaproxyProcess,
     Server,
+    check_config,
     render_config,
 )
 from tests.integration.tools import require_tool
@@ -69,13 +70,7 @@ def config() -> dict[str, list[str]]:
 
 
 def test_haproxy_accepts_the_shipped_file_without_a_warning() -> None:
-    done = subprocess.run(
-        [haproxy(), "-c", "-f", str(SHIPPED_CONFIG)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = check_config(SHIPPED_CONFIG)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Configuration file is valid" in output
@@ -428,13 +423,7 @@ def test_the_k8s_server_lines_name_every_statefulset_pod(tmp_path: Path) -> None
     # Valid as HAProxy reads it; the names do not resolve here, which
     # init-addr none allows (a warning, not an error).
     config = tmp_path / "out.cfg"
-    done = subprocess.run(
-        [haproxy(), "-c", "-f", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = check_config(config)
     assert done.returncode == 0, done.stdout + done.stderr
     warnings = [line for line in done.stderr.splitlines() if "[WARNING]" in line]
     assert all("could not resolve address" in line for line in warnings), warnings

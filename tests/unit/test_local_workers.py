@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from mirror.config import load_config
-from tests.integration.haproxy import HAPROXY_PATH, SHIPPED_CONFIG
-from tests.integration.tools import require_tool
+from tests.integration.haproxy import SHIPPED_CONFIG, check_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 LOCAL_WORKERS = DEPLOY / "haproxy" / "local-workers.cfg"
@@ -81,13 +79,7 @@ def instance_environment(number: int) -> dict[str, str]:
 
 
 def test_haproxy_accepts_the_local_workers_file_without_a_warning() -> None:
-    done = subprocess.run(
-        [require_tool("haproxy", prefer=HAPROXY_PATH), "-c", "-f", str(LOCAL_WORKERS)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = check_config(LOCAL_WORKERS)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "WARNING" not in output, output
